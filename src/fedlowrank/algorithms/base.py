@@ -1,0 +1,178 @@
+"""The algorithm interface shared by every runtime (DESIGN.md section 1).
+
+An algorithm is pure tensor code, no I/O:
+
+* `client_payload(start, trained, info)`: what a client uploads after training from `start`
+  (the synced global state) to `trained`;
+* `server_broadcast(global_state, uploads, num_samples, info)`: what the server sends back;
+* `apply_broadcast(state, broadcast)`: how a broadcast changes a state. The same function runs on
+  the server and on every client, on the same decoded bytes, so they stay bit-identical;
+* client hooks: `trainable_keys` (FFA-LoRA freezes A), `local_keys` (never leave the client),
+  `regularizer` (FedProx's proximal term), `init_state` (adjust the initial global state).
+
+States are flat `{key: tensor}` dicts (an adapter's state dict, or a whole small model's).
+Payloads carry `meta["kind"]`: "delta" (add to the state) or "state" (replace the values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fedlowrank.config import ConfigError
+from fedlowrank.payload import Payload
+
+__all__ = [
+    "Algorithm",
+    "ClientInfo",
+    "RoundInfo",
+    "State",
+    "aggregation_weights",
+    "apply_broadcast",
+    "derive_seed",
+    "state_payload",
+    "weighted_mean",
+]
+
+State = dict[str, torch.Tensor]
+
+KIND_DELTA = "delta"
+KIND_STATE = "state"
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """Server-side context of one round. Rounds are numbered 1, 2, ... as in the papers."""
+
+    round: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.round < 1:
+            raise ValueError(f"rounds are numbered from 1, got round={self.round}")
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Client-side context: the round, the run seed and the client's id."""
+
+    round: int
+    client_id: int
+    seed: int = 0
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (run seed, purpose, round, tensor name): stable everywhere."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def aggregation_weights(num_samples: Sequence[int], weighting: str) -> list[float]:
+    """Uniform 1/m (the FedSRD paper, Eq. 9) or proportional to each client's sample count."""
+    m = len(num_samples)
+    if m == 0:
+        raise ValueError("cannot aggregate zero uploads")
+    if weighting == "uniform":
+        return [1.0 / m] * m
+    if weighting == "samples":
+        total = float(sum(num_samples))
+        if total <= 0 or any(n < 0 for n in num_samples):
+            raise ValueError(f"sample counts must be non-negative with a positive sum, got {list(num_samples)}")
+        return [n / total for n in num_samples]
+    raise ValueError(f"weighting must be 'uniform' or 'samples', got {weighting!r}")
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights, strict=True):
+        out.add_(t, alpha=w)
+    return out
+
+
+def apply_broadcast(state: Mapping[str, torch.Tensor], broadcast: Payload) -> State:
+    """Return a new state: `state` with the broadcast's tensors added ("delta") or set ("state")."""
+    kind = broadcast.meta.get("kind", KIND_DELTA)
+    out = dict(state)
+    for key, t in broadcast.tensors.items():
+        if key not in out:
+            raise KeyError(f"broadcast names {key!r}, which is not in the state")
+        if out[key].shape != t.shape:
+            raise ValueError(f"broadcast {key!r} has shape {tuple(t.shape)}, state has {tuple(out[key].shape)}")
+        cur = out[key]
+        if kind == KIND_DELTA:
+            out[key] = cur + t.to(dtype=cur.dtype, device=cur.device)
+        elif kind == KIND_STATE:
+            out[key] = t.to(dtype=cur.dtype, device=cur.device).clone()
+        else:
+            raise ValueError(f"unknown broadcast kind {kind!r}")
+    return out
+
+
+def state_payload(state: Mapping[str, torch.Tensor], keys: Sequence[str], round: int) -> Payload:
+    """The full values of `keys`, for a client that missed rounds (DESIGN.md section 2, rule 8)."""
+    return Payload({k: state[k].detach().clone() for k in keys}, meta={"kind": KIND_STATE, "round": round})
+
+
+class Algorithm(ABC):
+    """Base class: subclasses set `name`, implement the two abstract methods, override hooks."""
+
+    name: ClassVar[str]
+
+    # --- client hooks ---------------------------------------------------------------------
+    def init_state(self, state: State, seed: int) -> State:
+        """Adjust the initial global state (default: unchanged)."""
+        return state
+
+    def trainable_keys(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Keys the client trains (default: all)."""
+        return list(state)
+
+    def local_keys(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Keys that never leave the client (default: none)."""
+        return []
+
+    def sent_keys(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Keys that travel between server and clients: trainable and not local."""
+        local = set(self.local_keys(state))
+        return [k for k in self.trainable_keys(state) if k not in local]
+
+    def regularizer(
+        self, params: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """An extra term for the local loss (default: none)."""
+        return None
+
+    # --- the two sides ----------------------------------------------------------------------
+    @abstractmethod
+    def client_payload(self, start: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], info: ClientInfo) -> Payload:
+        ...
+
+    @abstractmethod
+    def server_broadcast(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        uploads: Sequence[Payload],
+        num_samples: Sequence[int],
+        info: RoundInfo,
+    ) -> Payload:
+        ...
+
+    def apply_broadcast(self, state: Mapping[str, torch.Tensor], broadcast: Payload) -> State:
+        return apply_broadcast(state, broadcast)
+
+    def upload_shapes(self, state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """What a valid upload contains: name -> shape (the server's decoder checks against it)."""
+        return {k: tuple(state[k].shape) for k in self.sent_keys(state)}
+
+
+def check_fields(cfg: object, **ranges: tuple[float, float]) -> None:
+    """Raise ConfigError naming the field when a numeric field lies outside [lo, hi]."""
+    for field, (lo, hi) in ranges.items():
+        v = getattr(cfg, field)
+        if not lo <= v <= hi:
+            raise ConfigError(f"{field}: must lie in [{lo}, {hi}], got {v}")
