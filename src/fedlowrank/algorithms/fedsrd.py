@@ -80,7 +80,8 @@ def _decompose_dense(B, A, client_Bs, client_As, weights, round, efficient):
         T = W - B @ A
     else:
         U, S, Vh = torch.linalg.svd(W)  # the published code's call: full_matrices=True
-        T = (U[:, :r] * S[:r]) @ Vh[:r] - B @ A
+        k = min(r, S.numel())
+        T = (U[:, :k] * S[:k]) @ Vh[:k] - B @ A
     if round % 2 == 1:
         return T @ torch.linalg.pinv(A), torch.zeros_like(A)
     return torch.zeros_like(B), torch.linalg.pinv(B) @ T

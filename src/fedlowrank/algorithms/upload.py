@@ -10,7 +10,8 @@
 * `upload_rescale`: "l1" rescales kept entries to the dense delta's L1 mass (the published
   FedSRD code does; the paper does not), "none" by default.
 
-Importance needs a LoRA pair; keys that are not LoRA factors fall back to magnitude scores.
+Importance (Eq. 6) is defined for LoRA factors only; with `importance`, other trained keys (a
+classifier head, say) are uploaded dense.
 """
 
 from __future__ import annotations
@@ -86,5 +87,10 @@ def sparse_upload(
                 IB, IA = importance_scores(dB, dA, trained[b_key], start[a_key])
                 scores[b_key], scores[a_key] = IB, IA
     for k, d in deltas.items():
-        out[k] = _topk(d, scores.get(k, d.abs()), cfg)
+        if cfg.upload_mask == "magnitude":
+            out[k] = _topk(d, d.abs(), cfg)
+        elif k in scores:
+            out[k] = _topk(d, scores[k], cfg)
+        else:  # importance is defined for LoRA factors only: other keys (a head) go dense
+            out[k] = d
     return Payload(out, meta={"kind": KIND_DELTA, "round": info.round})
