@@ -71,14 +71,14 @@ def run_one(name: str, seed: int = 0) -> dict:
     uploads = []
     for i, trained in enumerate(clients):
         payload = alg.client_payload(start, trained, ClientInfo(round=1, client_id=i, seed=seed))
-        data = encode_payload(payload)
+        data = encode_payload(payload, positions="auto")
         up += len(data)
-        bound += payload_stats(payload)["bound_bytes"]
+        bound += payload_stats(payload, positions="auto")["bound_bytes"]
         uploads.append(decode_payload(data, shapes))
     t0 = time.perf_counter()
     broadcast = alg.server_broadcast(start, uploads, [1] * CLIENTS, RoundInfo(round=1, seed=seed))
     server_s = time.perf_counter() - t0
-    data = encode_payload(broadcast)
+    data = encode_payload(broadcast, positions="auto")
     new = alg.apply_broadcast(start, decode_payload(data))
     return {
         "algorithm": name,
