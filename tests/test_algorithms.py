@@ -232,3 +232,43 @@ def test_every_algorithm_runs_rounds_and_keeps_shapes(name):
             assert {k: tuple(v.shape) for k, v in u.tensors.items()} == expected
         state = apply_broadcast(state, bc)
         assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_balance_factors_keeps_the_product_and_equalises_spectra():
+    from fedlowrank.lora import balance_factors
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(30, 4, generator=g, dtype=torch.float64) * torch.tensor([1e-3, 1e-2, 1.0, 5.0], dtype=torch.float64)
+    A = torch.randn(4, 20, generator=g, dtype=torch.float64) * 100
+    B2, A2 = balance_factors(B, A)
+    torch.testing.assert_close(B2 @ A2, B @ A, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(B2.mT @ B2, A2 @ A2.mT, rtol=1e-10, atol=1e-10)
+    # rank-deficient (B = 0 at the start): unchanged, A keeps its random init
+    Z, A3 = balance_factors(torch.zeros(30, 4, dtype=torch.float64), A)
+    assert torch.equal(Z, torch.zeros(30, 4, dtype=torch.float64)) and torch.equal(A3, A)
+
+
+@pytest.mark.parametrize("name", ["fedsrd", "fedsrd-e"])
+def test_rebalance_changes_factors_not_products(name):
+    plain = make_algorithm(name)
+    balanced = make_algorithm(name, {"rebalance": True})
+    state = make_state(0, zero_B=True)
+    checked = []
+    for t in (1, 2, 3, 4):
+        _, bc = run_round(balanced, state, t)
+        new_plain = plain.apply_broadcast(state, bc)
+        new = balanced.apply_broadcast(state, bc)
+        for b_key, a_key in lora_pairs(state).values():
+            torch.testing.assert_close(new[b_key] @ new[a_key], new_plain[b_key] @ new_plain[a_key], rtol=1e-4, atol=1e-6)
+            Bb, Ab = new[b_key], new[a_key]
+            if torch.equal(Bb, new_plain[b_key]) and torch.equal(Ab, new_plain[a_key]):
+                # left as it is only when B A is rank-deficient (a DARE mask can empty a column of B)
+                S = torch.linalg.svdvals(Bb.double() @ Ab.double())
+                assert S[R - 1] < 1e-5 * S[0]
+            else:
+                checked.append(t)
+                torch.testing.assert_close(Bb.mT @ Bb, Ab @ Ab.mT, rtol=1e-3, atol=1e-5)
+        again = balanced.apply_broadcast(state, bc)  # server and clients apply identically
+        assert all(torch.equal(again[k], new[k]) for k in new)
+        state = new
+    assert checked  # the balanced branch ran

@@ -89,3 +89,20 @@ def truncated_svd_of_sum(
         B_new = torch.cat([B_new, B_new.new_zeros(B_new.shape[0], rank - k)], dim=1)
         A_new = torch.cat([A_new, A_new.new_zeros(rank - k, A_new.shape[1])], dim=0)
     return B_new, A_new
+
+
+def balance_factors(B: torch.Tensor, A: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the same product B A with equal spectra: B' = Q_B U S^1/2, A' = S^1/2 V^T Q_A^T.
+
+    B A = Q_B (R_B R_A^T) Q_A^T with QR of B (d_out x r) and A^T (d_in x r), and U S V^T the SVD of
+    the r x r core, so B' A' = B A exactly while B'^T B' = A' A'^T = S. Cost O((d_out + d_in) r^2).
+    When B A has rank below r (B = 0 at the start, say) the factors are returned unchanged, since
+    balancing would zero directions of A that later pinv(A) solves need.
+    """
+    Q_B, R_B = torch.linalg.qr(B, mode="reduced")
+    Q_A, R_A = torch.linalg.qr(A.mT, mode="reduced")
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.mT)
+    if S.numel() < B.shape[1] or S.numel() == 0 or S[-1] <= rtol * S[0]:
+        return B, A
+    root = S.sqrt()
+    return Q_B @ (U * root[None, :]), (root[:, None] * Vh) @ Q_A.mT

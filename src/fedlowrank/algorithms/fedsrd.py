@@ -46,7 +46,7 @@ from fedlowrank.algorithms.base import (
     weighted_mean,
 )
 from fedlowrank.algorithms.upload import UploadConfig, sparse_upload
-from fedlowrank.lora import lora_pairs
+from fedlowrank.lora import balance_factors, lora_pairs
 from fedlowrank.payload import Payload
 from fedlowrank.sparsify import dare
 
@@ -175,6 +175,11 @@ class FedSRDConfig(UploadConfig):
     efficient: bool = False
     download_drop: float = 0.8
     method: str = "factored"
+    # Extension, off by default (the paper has none): after every applied broadcast, server and
+    # clients alike replace (B, A) by balanced factors of the same product (lora.balance_factors).
+    # The pinv solves otherwise let one factor grow while the other shrinks, and local optimizers
+    # then take steps whose effect on B A scales with that imbalance. Costs no bytes.
+    rebalance: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -227,6 +232,17 @@ class FedSRD(Algorithm):
             if key not in done:
                 out[key] = weighted_mean([u.tensors[key].to(global_state[key].dtype) for u in uploads], weights)
         return Payload(out, seeds=seeds, meta={"kind": KIND_DELTA, "round": info.round})
+
+
+    def apply_broadcast(self, state, broadcast: Payload):
+        out = super().apply_broadcast(state, broadcast)
+        if self.config.rebalance:
+            touched = set(broadcast.tensors)
+            for b_key, a_key in lora_pairs(out).values():
+                if b_key in touched or a_key in touched:
+                    B, A = balance_factors(out[b_key], out[a_key])
+                    out[b_key], out[a_key] = B.contiguous(), A.contiguous()
+        return out
 
 
 class FedSRDe(FedSRD):

@@ -1,0 +1,261 @@
+"""The `fedlowrank` command: parses arguments and calls the library, nothing more.
+
+    fedlowrank run [PRESET | CONFIG.toml] [--set key=value ...] [--out DIR]
+    fedlowrank run --resume DIR
+    fedlowrank list
+    fedlowrank report DIR [DIR ...] [--out DIR] [--markdown]
+    fedlowrank demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedlowrank.config import ConfigError
+
+__all__ = ["main", "build_parser"]
+
+MB = 1e6
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedlowrank", description="Communication-efficient federated fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a preset or a config file (default: the default preset)")
+    run.add_argument("config", nargs="?", help="preset name (see `fedlowrank list`) or path to a .toml file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set sim.rounds=5 --set algorithm.fedsrd.upload_sparsity=0.9")  # fmt: skip
+    run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="continue a killed run from its last complete round")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+
+    sub.add_parser("list", help="list presets, algorithms and tasks")
+
+    rep = sub.add_parser("report", help="compare finished runs: a table and a plot")
+    rep.add_argument("dirs", nargs="+", type=Path, help="run directories (a comparison run counts as its runs)")
+    rep.add_argument("--out", type=Path, help="write summary.md, summary.json and curves.png here")
+    rep.add_argument("--markdown", action="store_true", help="print the table as markdown")
+
+    sub.add_parser("demo", help="a short walk through the library")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+
+
+class _RichProgress:
+    """A progress bar per algorithm with the latest accuracy and megabytes sent."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
+        )  # fmt: skip
+        self.tasks: dict[str, Any] = {}
+        self.last: dict[str, str] = {}
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start(self, algorithm: str, rounds: int, done: int) -> None:
+        self.tasks[algorithm] = self.progress.add_task(algorithm, total=rounds, completed=done, info="")
+
+    def advance(self, algorithm: str, record: dict[str, Any]) -> None:
+        mb = (record["cum_upload_bytes"] + record["cum_download_bytes"]) / MB
+        if "eval" in record:
+            self.last[algorithm] = f"acc {record['eval']['accuracy']:.3f}"
+        info = f"{self.last.get(algorithm, '')}  {mb:.2f} MB"
+        if record.get("dropped"):
+            info += f"  ({len(record['dropped'])} left out)"
+        self.progress.update(self.tasks[algorithm], advance=1, info=info)
+
+    def finish(self, algorithm: str, summary: dict[str, Any]) -> None:
+        if algorithm not in self.tasks:  # finished before a resume
+            self.tasks[algorithm] = self.progress.add_task(algorithm, total=summary["rounds"], completed=summary["rounds"], info="done")
+
+
+class _LineProgress:
+    """One line per evaluated round, for logs (no terminal)."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start(self, algorithm: str, rounds: int, done: int) -> None:
+        self.console.print(f"{algorithm}: rounds {done + 1}..{rounds}")
+
+    def advance(self, algorithm: str, record: dict[str, Any]) -> None:
+        if "eval" in record or record.get("dropped"):
+            mb = (record["cum_upload_bytes"] + record["cum_download_bytes"]) / MB
+            acc = f"accuracy {record['eval']['accuracy']:.4f}  " if "eval" in record else ""
+            left = f"  {len(record['dropped'])} client(s) left out" if record.get("dropped") else ""
+            self.console.print(f"  {algorithm} round {record['round']}: {acc}{mb:.3f} MB sent{left}")
+
+    def finish(self, algorithm: str, summary: dict[str, Any]) -> None:
+        pass
+
+
+def _summary_table(summaries: list[dict[str, Any]], labels: list[str], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("algorithm", "accuracy", "MB up", "MB down", "MB total", "up bound MB", "wall s"):
+        table.add_column(col, justify="left" if col == "algorithm" else "right", no_wrap=col == "algorithm")
+    for s, label in zip(summaries, labels, strict=True):
+        acc = "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.2f} %"
+        table.add_row(
+            label + (f" (seed {s['seed']})" if labels.count(label) > 1 else ""), acc, f"{s['upload_mb']:.3f}", f"{s['download_mb']:.3f}",
+            f"{s['total_mb']:.3f}", f"{s['upload_bound_bytes'] / MB:.3f}", f"{s['wall_seconds']:.1f}",
+        )  # fmt: skip
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_run(args, console) -> int:
+    from fedlowrank.runconfig import load_run_config
+    from fedlowrank.sim.experiment import default_out_dir, load_saved_config, run_experiment
+
+    if args.resume is not None:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume DIR takes the config saved in DIR; drop the preset, --set and --out")
+        cfg, out, resume = load_saved_config(args.resume), args.resume, True
+    else:
+        cfg, path = load_run_config(args.config, args.overrides)
+        out, resume = args.out or default_out_dir(cfg), False
+        if not args.quiet:
+            console.print(f"[bold]{cfg.name}[/bold] ({path}): {', '.join(cfg.algorithms)} on {cfg.task_name}, "
+                          f"{cfg.sim.rounds} rounds, seed {cfg.seed}")  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        if args.quiet:
+            summaries = run_experiment(cfg, out, resume=resume)
+        else:
+            progress_cls = _RichProgress if console.is_terminal else _LineProgress
+
+            def built(seconds: float) -> None:
+                console.print(f"task {cfg.task_name} ready in {seconds:.1f} s")
+
+            with progress_cls(console) as progress:
+                summaries = run_experiment(cfg, out, resume=resume, progress=progress, on_task_built=built)
+    except KeyboardInterrupt:
+        print(f"fedlowrank: interrupted; continue with: fedlowrank run --resume {out}", file=sys.stderr)
+        return 130
+    wall = time.perf_counter() - t0
+    if not args.quiet:
+        console.print(_summary_table(summaries, [s["algorithm"] for s in summaries], f"{cfg.name} on {cfg.task_name}"))
+        console.print(f"run directory: {out}   (wall {wall:.1f} s)")
+    return 0
+
+
+def _cmd_list(console) -> int:
+    from rich.table import Table
+
+    from fedlowrank.algorithms import ALGORITHMS
+    from fedlowrank.runconfig import DEFAULT_PRESET, list_presets
+    from fedlowrank.tasks import TASKS
+
+    presets = Table(title="presets (fedlowrank run NAME)")
+    presets.add_column("name")
+    presets.add_column("description")
+    for name, path in list_presets().items():
+        try:
+            desc = tomllib.loads(path.read_text()).get("description", "")
+        except tomllib.TOMLDecodeError as e:
+            desc = f"(invalid TOML: {e})"
+        presets.add_row(name + (" (default)" if name == DEFAULT_PRESET else ""), desc)
+    algs = Table(title="algorithms (options: \\[algorithm.NAME] table)")
+    algs.add_column("name")
+    algs.add_column("description")
+    for name, cls in ALGORITHMS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        algs.add_row(name, doc[0] if doc else "")
+    tasks = Table(title="tasks (\\[task] name = ...)")
+    tasks.add_column("name")
+    tasks.add_column("description")
+    for name, (_, desc) in TASKS.items():
+        tasks.add_row(name, desc)
+    for t in (presets, algs, tasks):
+        console.print(t)
+    return 0
+
+
+def _cmd_report(args, console) -> int:
+    from fedlowrank.sim.report import label_runs, markdown_table, plot_curves, summarize
+    from fedlowrank.sim.rundir import RunDir, atomic_write, find_runs
+
+    runs = find_runs(args.dirs)
+    summaries, records = [], []
+    for rd in runs:
+        recs = rd.read_metrics()
+        if rd.summary_json.exists():
+            s = json.loads(rd.summary_json.read_text())
+        else:  # unfinished: summarise what is there
+            s = summarize(recs, f"{rd.path.name} (unfinished)", "?", -1, str(rd.path))
+        summaries.append(s)
+        records.append(recs)
+    labels = label_runs(summaries)
+    if args.markdown:
+        print(markdown_table(summaries), end="")
+    else:
+        console.print(_summary_table(summaries, labels, f"{len(runs)} run(s)"))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        top = RunDir(args.out)
+        top.write_json(top.summary_json, {"runs": summaries, "dirs": [str(r.path) for r in runs]})
+        atomic_write(top.summary_md, markdown_table(summaries))
+        plot_curves(list(zip(labels, records, strict=True)), top.curves)
+        console.print(f"wrote {top.summary_md}, {top.summary_json}, {top.curves}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False, highlight=False)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return _cmd_run(args, console)
+        if args.command == "list":
+            return _cmd_list(console)
+        if args.command == "report":
+            return _cmd_report(args, console)
+        if args.command == "demo":
+            from fedlowrank.demo import main as demo_main
+
+            return int(demo_main() or 0)
+    except ConfigError as e:
+        print(f"fedlowrank: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileExistsError, FileNotFoundError) as e:
+        print(f"fedlowrank: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

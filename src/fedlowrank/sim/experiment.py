@@ -1,0 +1,148 @@
+"""Run a RunConfig: one task, each listed algorithm in turn with the same seed, a run directory.
+
+Layout of `out/`:
+
+    config.toml              the resolved config (every default filled in)
+    <algorithm>/             one per algorithm (just `out/` itself when only one is listed)
+        metrics.jsonl        one JSON object per round
+        checkpoint.pt        the state after the last complete round (atomic)
+        events.log           clients left out and why
+        summary.json, summary.md, curves.png
+    summary.json, summary.md, curves.png   the comparison (when several algorithms ran)
+
+`resume=True` continues from each algorithm's last complete round; finished algorithms are
+skipped. The result equals that of an uninterrupted run (every random draw is seeded by
+(seed, round, client)).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedlowrank.runconfig import RunConfig, dump_toml, parse_run_config
+from fedlowrank.sim.report import markdown_table, plot_curves, summarize
+from fedlowrank.sim.rundir import RunDir, atomic_write
+from fedlowrank.sim.runtime import Channel, SimState, Simulation
+from fedlowrank.tasks import make_task
+
+__all__ = ["run_experiment", "Progress", "load_saved_config", "default_out_dir"]
+
+log = logging.getLogger("fedlowrank.sim")
+
+
+class Progress(Protocol):
+    def start(self, algorithm: str, rounds: int, done: int) -> None: ...
+    def advance(self, algorithm: str, record: dict[str, Any]) -> None: ...
+    def finish(self, algorithm: str, summary: dict[str, Any]) -> None: ...
+
+
+def default_out_dir(cfg: RunConfig, root: Path | str = "runs") -> Path:
+    return Path(root) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_saved_config(out: Path) -> RunConfig:
+    import tomllib
+
+    path = Path(out) / "config.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"{out}: no config.toml; is this a run directory?")
+    return parse_run_config(tomllib.loads(path.read_text()))
+
+
+def _run_one(
+    cfg: RunConfig,
+    task,
+    algorithm: str,
+    rd: RunDir,
+    resume: bool,
+    progress: Progress | None,
+    channel: Channel | None,
+) -> dict[str, Any]:
+    alg = cfg.make_algorithm(algorithm)
+    meta = {"algorithm": algorithm, "config": dump_toml(cfg.to_mapping())}
+    start: SimState | None = None
+    if resume:
+        got = rd.load_checkpoint()
+        if got is not None:
+            start, saved = got
+            if saved.get("algorithm") != algorithm or saved.get("config") != meta["config"]:
+                raise ValueError(f"{rd.checkpoint}: checkpoint is of another config or algorithm; cannot resume")
+            rd.truncate_metrics(start.round)
+        else:
+            rd.truncate_metrics(0)
+    elif rd.metrics.exists():
+        raise FileExistsError(f"{rd.path} already holds a run; pass --resume to continue it")
+    rd.create()
+
+    def on_round(record: dict[str, Any], state: SimState) -> None:
+        rd.append_metrics(record)
+        rd.save_checkpoint(state, meta)
+        if progress is not None:
+            progress.advance(algorithm, record)
+
+    handler = rd.log_handler()
+    log.addHandler(handler)
+    try:
+        sim = Simulation(task, alg, cfg.sim, seed=cfg.seed, channel=channel, on_round=on_round)
+        if progress is not None:
+            progress.start(algorithm, cfg.sim.rounds, start.round if start else 0)
+        sim.run(resume_from=start)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    records = rd.read_metrics()
+    summary = summarize(records, algorithm, cfg.task_name, cfg.seed, cfg.name)
+    rd.write_json(rd.summary_json, summary)
+    atomic_write(rd.summary_md, f"# {cfg.name}: {algorithm} on {cfg.task_name}\n\n" + markdown_table([summary]))
+    plot_curves([(algorithm, records)], rd.curves)
+    if progress is not None:
+        progress.finish(algorithm, summary)
+    return summary
+
+
+def run_experiment(
+    cfg: RunConfig,
+    out: Path | str,
+    resume: bool = False,
+    progress: Progress | None = None,
+    channel: Channel | None = None,
+    on_task_built: Callable[[float], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every algorithm of `cfg` into `out`; returns their summaries (config order)."""
+    out = Path(out)
+    if not resume and (out / "config.toml").exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write(out / "config.toml", dump_toml(cfg.to_mapping()))
+    t0 = time.perf_counter()
+    task = make_task(cfg.task_name, cfg.task, cfg.seed).build()
+    if on_task_built is not None:
+        on_task_built(time.perf_counter() - t0)
+    many = len(cfg.algorithms) > 1
+    summaries, series = [], []
+    for algorithm in cfg.algorithms:
+        rd = RunDir(out / algorithm if many else out)
+        if resume and rd.is_complete():
+            import json
+
+            summary = json.loads(rd.summary_json.read_text())
+            if progress is not None:
+                progress.finish(algorithm, summary)
+        else:
+            if many:
+                rd.create()
+                atomic_write(rd.config, dump_toml({**cfg.to_mapping(), "algorithms": [algorithm]}))
+            summary = _run_one(cfg, task, algorithm, rd, resume, progress, channel)
+        summaries.append(summary)
+        series.append((algorithm, rd.read_metrics()))
+    if many:
+        top = RunDir(out)
+        top.write_json(top.summary_json, {"name": cfg.name, "task": cfg.task_name, "runs": summaries})
+        atomic_write(top.summary_md, f"# {cfg.name} on {cfg.task_name}\n\n" + markdown_table(summaries))
+        plot_curves(series, top.curves)
+    return summaries
