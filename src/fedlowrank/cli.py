@@ -1,6 +1,6 @@
 """The `fedlowrank` command: parses arguments and calls the library, nothing more.
 
-    fedlowrank run [PRESET | CONFIG.toml] [--set key=value ...] [--out DIR]
+    fedlowrank run [PRESET | CONFIG.toml] [--set key=value ...] [--out DIR] [--runtime sim|flower]
     fedlowrank run --resume DIR
     fedlowrank list
     fedlowrank report DIR [DIR ...] [--out DIR] [--markdown]
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue a killed run from its last complete round")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--runtime", choices=("sim", "flower"), default="sim",
+                     help="sim: in-process (default); flower: Flower's simulation engine, one SuperNode per client (docs/flower.md)")  # fmt: skip
 
     sub.add_parser("list", help="list presets, algorithms and tasks")
 
@@ -150,7 +152,13 @@ def _cmd_run(args, console) -> int:
                           f"{cfg.sim.rounds} rounds, seed {cfg.seed}")  # fmt: skip
     t0 = time.perf_counter()
     try:
-        if args.quiet:
+        if args.runtime == "flower":
+            if resume:
+                raise ConfigError("--resume is not supported with --runtime flower")
+            from fedlowrank.flower.simulate import simulate
+
+            summaries = simulate(args.config, args.overrides, out)
+        elif args.quiet:
             summaries = run_experiment(cfg, out, resume=resume)
         else:
             progress_cls = _RichProgress if console.is_terminal else _LineProgress
