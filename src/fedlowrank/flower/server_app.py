@@ -28,15 +28,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlowrank.algorithms.base import RoundInfo
-from fedlowrank.codec import PayloadError, decode_payload
 from fedlowrank.config import ConfigError
 from fedlowrank.flower.common import FlowerRunOptions, pack, unpack
 from fedlowrank.payload import Payload
 from fedlowrank.runconfig import RunConfig, dump_toml, load_run_config
 from fedlowrank.sim.report import markdown_table, plot_curves, summarize
 from fedlowrank.sim.rundir import RunDir, atomic_write
-from fedlowrank.sim.runtime import SimState, Simulation, encode
+from fedlowrank.sim.runtime import SimState, Simulation
 from fedlowrank.tasks import make_task
 
 __all__ = ["app", "make_server_app", "FlowerSimulation", "run_on_grid"]
@@ -119,7 +117,7 @@ class FlowerSimulation(Simulation):
         return {"download_bytes": sent, "download_bound_bytes": bound, "catchup": what}, list(rounds), list(data), v
 
     def round(self, t: int) -> dict[str, Any]:
-        st, cfg, alg = self.state, self.cfg, self.alg
+        st = self.state
         wall0 = time.perf_counter()
         live = set(self.grid.get_node_ids())
         for node in [i for i in self.nodes.values() if i not in live]:
@@ -172,31 +170,18 @@ class FlowerSimulation(Simulation):
                        encode_seconds=m["encode_seconds"], num_samples=int(m["num_samples"]))  # fmt: skip
             [data] = unpack(reply.content["up"])
             rec["upload_bytes"], rec["upload_bound_bytes"] = len(data), float(m["upload_bound_bytes"])
-            t0 = time.perf_counter()
-            try:
-                got = decode_payload(data, self.upload_shapes)
-                if "round" in got.meta and got.meta["round"] != t:
-                    raise PayloadError(f"upload is for round {got.meta['round']}, this is round {t}")
-            except PayloadError as e:
-                rec.update(status="rejected", reason=f"upload rejected: {e}")
-                log.warning("round %d: client %d left out: %s", t, i, rec["reason"])
+            got, seconds = self._accept_upload(t, rec, data)
+            server_s += seconds
+            if got is None:
                 continue
-            finally:
-                server_s += time.perf_counter() - t0
             uploads.append(got)
             weights.append(int(m["num_samples"]))
             accepted.append(i)
 
         broadcast_bytes = 0
         if uploads:
-            t0 = time.perf_counter()
-            bc = alg.server_broadcast(st.global_state, uploads, weights, RoundInfo(t, self.seed))
-            enc = encode(bc, cfg.download_positions, cfg.download_dtype)
-            shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
-            decoded = decode_payload(enc.data, shapes)  # decoded once; everyone applies this
-            st.global_state = alg.apply_broadcast(st.global_state, decoded)
-            st.history.append((t, enc.data, enc.bound_bytes))
-            server_s += time.perf_counter() - t0
+            enc, _, seconds = self._aggregate(t, uploads, weights)
+            server_s += seconds
             broadcast_bytes = len(enc.data)
             synced = self._send_broadcast(t, enc.data, [r for r in records if r["client"] in accepted])
             for rec in records:
@@ -207,7 +192,7 @@ class FlowerSimulation(Simulation):
         else:
             log.warning("round %d: no upload accepted; the global state is unchanged", t)
         self._prune_history()
-        return self._record(t, clients, records, accepted, broadcast_bytes, server_s, wall0)
+        return self._finish_round(t, clients, records, accepted, broadcast_bytes, server_s, wall0, runtime="flower")
 
     def _collect(self, ids: list[str]) -> dict[str, Message]:
         """Replies to the messages `ids`, as many as come within the round timeout."""
@@ -239,36 +224,6 @@ class FlowerSimulation(Simulation):
             log.warning("round %d: client %d did not apply the broadcast (%s); %s", t, client, why,
                         self._node_lost(t, client, "the broadcast was not acknowledged"))  # fmt: skip
         return synced
-
-    def _record(self, t, clients, records, accepted, broadcast_bytes, server_s, wall0) -> dict[str, Any]:
-        st, cfg = self.state, self.cfg
-        out: dict[str, Any] = {
-            "round": t,
-            "clients": clients,
-            "accepted": len(accepted),
-            "dropped": [{"client": r["client"], "reason": r["reason"]} for r in records if r["status"] != "ok"],
-            "upload_bytes": sum(r["upload_bytes"] for r in records),
-            "download_bytes": sum(r["download_bytes"] for r in records),
-            "upload_bound_bytes": sum(r["upload_bound_bytes"] for r in records),
-            "download_bound_bytes": sum(r["download_bound_bytes"] for r in records),
-            "broadcast_bytes": broadcast_bytes,
-            "server_seconds": server_s,
-            "train_seconds": sum(r.get("train_seconds", 0.0) for r in records),
-            "runtime": "flower",
-        }
-        if t % cfg.eval_every == 0 or t == cfg.rounds:
-            t0 = time.perf_counter()
-            out["eval"] = self.evaluate()
-            out["eval_seconds"] = time.perf_counter() - t0
-        out["wall_seconds"] = time.perf_counter() - wall0
-        tot = st.totals
-        for k in tot:
-            tot[k] += float(out.get(k, 0.0))
-        out["cum_upload_bytes"] = int(tot["upload_bytes"])
-        out["cum_download_bytes"] = int(tot["download_bytes"])
-        out["per_client"] = records
-        st.round = t
-        return out
 
 
 def resolve(opts: FlowerRunOptions) -> tuple[RunConfig, str, Path]:

@@ -298,7 +298,7 @@ class Simulation:
 
     # --- one round ----------------------------------------------------------------------------
     def round(self, t: int) -> dict[str, Any]:
-        st, cfg, alg = self.state, self.cfg, self.alg
+        st, cfg = self.state, self.cfg
         wall0 = time.perf_counter()
         clients = self.sample(t)
         records: list[dict[str, Any]] = []
@@ -330,31 +330,18 @@ class Simulation:
                 st.local[i] = {k: trained[k] for k in self.local_keys}
             data = self.channel.upload(t, i, enc.data)
             rec["upload_bytes"], rec["upload_bound_bytes"] = len(data), enc.bound_bytes
-            t0 = time.perf_counter()
-            try:
-                got = decode_payload(data, self.upload_shapes)
-                if "round" in got.meta and got.meta["round"] != t:
-                    raise PayloadError(f"upload is for round {got.meta['round']}, this is round {t}")
-            except PayloadError as e:
-                rec.update(status="rejected", reason=f"upload rejected: {e}")
-                log.warning("round %d: client %d left out: %s", t, i, rec["reason"])
+            got, seconds = self._accept_upload(t, rec, data)
+            server_s += seconds
+            if got is None:
                 continue
-            finally:
-                server_s += time.perf_counter() - t0
             uploads.append(got)
             weights.append(self.task.num_samples(i))
             accepted.append(i)
 
         broadcast_bytes = 0
         if uploads:
-            t0 = time.perf_counter()
-            bc = alg.server_broadcast(st.global_state, uploads, weights, RoundInfo(t, self.seed))
-            enc = encode(bc, cfg.download_positions, cfg.download_dtype)
-            shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
-            decoded = decode_payload(enc.data, shapes)  # decoded once; everyone applies this
-            st.global_state = alg.apply_broadcast(st.global_state, decoded)
-            st.history.append((t, enc.data, enc.bound_bytes))
-            server_s += time.perf_counter() - t0
+            enc, decoded, seconds = self._aggregate(t, uploads, weights)
+            server_s += seconds
             broadcast_bytes = len(enc.data)
             for rec in records:
                 if rec["client"] in accepted:
@@ -366,7 +353,40 @@ class Simulation:
         else:
             log.warning("round %d: no upload accepted; the global state is unchanged", t)
         self._prune_history()
+        return self._finish_round(t, clients, records, accepted, broadcast_bytes, server_s, wall0)
 
+    def _accept_upload(self, t: int, rec: dict[str, Any], data: bytes) -> tuple[Payload | None, float]:
+        """Decode one client's upload bytes against the expected shapes; (None, seconds) and a
+        logged reason in `rec` when they are malformed or stamped for another round."""
+        t0 = time.perf_counter()
+        try:
+            got = decode_payload(data, self.upload_shapes)
+            if "round" in got.meta and got.meta["round"] != t:
+                raise PayloadError(f"upload is for round {got.meta['round']}, this is round {t}")
+        except PayloadError as e:
+            rec.update(status="rejected", reason=f"upload rejected: {e}")
+            log.warning("round %d: client %d left out: %s", t, rec["client"], rec["reason"])
+            got = None
+        return got, time.perf_counter() - t0
+
+    def _aggregate(self, t: int, uploads: list[Payload], weights: list[int]) -> tuple[Encoded, Payload, float]:
+        """Build, encode and decode round t's broadcast, and apply the decoded payload (what
+        every client applies too) to the global state; returns (encoded, decoded, seconds)."""
+        st, cfg, alg = self.state, self.cfg, self.alg
+        t0 = time.perf_counter()
+        bc = alg.server_broadcast(st.global_state, uploads, weights, RoundInfo(t, self.seed))
+        enc = encode(bc, cfg.download_positions, cfg.download_dtype)
+        shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
+        decoded = decode_payload(enc.data, shapes)  # decoded once; everyone applies this
+        st.global_state = alg.apply_broadcast(st.global_state, decoded)
+        st.history.append((t, enc.data, enc.bound_bytes))
+        return enc, decoded, time.perf_counter() - t0
+
+    def _finish_round(
+        self, t, clients, records, accepted, broadcast_bytes, server_s, wall0, **extra: Any
+    ) -> dict[str, Any]:
+        """The round's ledger record (evaluating when due); updates the running totals."""
+        st, cfg = self.state, self.cfg
         out: dict[str, Any] = {
             "round": t,
             "clients": clients,
@@ -379,6 +399,7 @@ class Simulation:
             "broadcast_bytes": broadcast_bytes,
             "server_seconds": server_s,
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in records),
+            **extra,
         }
         if t % cfg.eval_every == 0 or t == cfg.rounds:
             t0 = time.perf_counter()
