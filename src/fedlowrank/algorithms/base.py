@@ -35,6 +35,8 @@ __all__ = [
     "aggregation_weights",
     "apply_broadcast",
     "derive_seed",
+    "mean_delta",
+    "reconstruct",
     "state_payload",
     "weighted_mean",
 ]
@@ -92,6 +94,19 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     for t, w in zip(tensors, weights, strict=True):
         out.add_(t, alpha=w)
     return out
+
+
+def mean_delta(
+    global_state: Mapping[str, torch.Tensor], uploads: Sequence[Payload], weights: Sequence[float], key: str
+) -> torch.Tensor:
+    """The weighted mean of the uploaded deltas of `key`, in the state's dtype."""
+    return weighted_mean([u.tensors[key].to(global_state[key].dtype) for u in uploads], weights)
+
+
+def reconstruct(global_state: Mapping[str, torch.Tensor], uploads: Sequence[Payload], key: str) -> list[torch.Tensor]:
+    """Each client's tensor: the global one plus its uploaded delta (FedSRD Eq. 9's B_i, A_i)."""
+    base = global_state[key]
+    return [base + u.tensors[key].to(base.dtype) for u in uploads]
 
 
 def apply_broadcast(state: Mapping[str, torch.Tensor], broadcast: Payload) -> State:

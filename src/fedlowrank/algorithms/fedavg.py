@@ -26,7 +26,7 @@ from fedlowrank.algorithms.base import (
     RoundInfo,
     aggregation_weights,
     check_fields,
-    weighted_mean,
+    mean_delta,
 )
 from fedlowrank.algorithms.upload import UploadConfig, sparse_upload
 from fedlowrank.payload import Payload
@@ -64,10 +64,7 @@ class FedAvg(Algorithm):
         info: RoundInfo,
     ) -> Payload:
         weights = aggregation_weights(num_samples, self.config.weighting)
-        out = {
-            k: weighted_mean([u.tensors[k].to(global_state[k].dtype) for u in uploads], weights)
-            for k in self.sent_keys(global_state)
-        }
+        out = {k: mean_delta(global_state, uploads, weights, k) for k in self.sent_keys(global_state)}
         return Payload(out, meta={"kind": KIND_DELTA, "round": info.round})
 
     def regularizer(self, params, global_state):

@@ -43,9 +43,12 @@ from fedlowrank.algorithms.base import (
     aggregation_weights,
     check_fields,
     derive_seed,
+    mean_delta,
+    reconstruct,
     weighted_mean,
 )
 from fedlowrank.algorithms.upload import UploadConfig, sparse_upload
+from fedlowrank.config import choice
 from fedlowrank.lora import balance_factors, lora_pairs
 from fedlowrank.payload import Payload
 from fedlowrank.sparsify import dare
@@ -184,8 +187,6 @@ class FedSRDConfig(UploadConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fields(self, download_drop=(0.0, 0.999))
-        from fedlowrank.config import choice
-
         choice(self.method, "method", ("factored", "dense"))
         choice(self.upload_mask, "upload_mask", ("none", "importance", "magnitude", "random"))
 
@@ -217,9 +218,7 @@ class FedSRD(Algorithm):
         done: set[str] = set()
         for b_key, a_key in lora_pairs({k: global_state[k] for k in sent}).values():
             B, A = global_state[b_key], global_state[a_key]
-            dtype = B.dtype
-            Bs = [B + u.tensors[b_key].to(dtype) for u in uploads]
-            As = [A + u.tensors[a_key].to(dtype) for u in uploads]
+            Bs, As = reconstruct(global_state, uploads, b_key), reconstruct(global_state, uploads, a_key)
             dB, dA = decompose(B, A, Bs, As, weights, info.round, cfg.efficient, cfg.method)
             key, delta = (b_key, dB) if info.round % 2 == 1 else (a_key, dA)
             if cfg.download_drop > 0.0:
@@ -230,7 +229,7 @@ class FedSRD(Algorithm):
             done.update((b_key, a_key))
         for key in sent:  # anything that is not a LoRA factor: plain FedAvg of the deltas
             if key not in done:
-                out[key] = weighted_mean([u.tensors[key].to(global_state[key].dtype) for u in uploads], weights)
+                out[key] = mean_delta(global_state, uploads, weights, key)
         return Payload(out, seeds=seeds, meta={"kind": KIND_DELTA, "round": info.round})
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlowrank.algorithms.base import KIND_STATE, RoundInfo, aggregation_weights, weighted_mean
+from fedlowrank.algorithms.base import KIND_STATE, RoundInfo, aggregation_weights, mean_delta, reconstruct
 from fedlowrank.algorithms.fedavg import FedAvg
 from fedlowrank.lora import lora_pairs, truncated_svd_of_sum
 from fedlowrank.payload import Payload
@@ -33,13 +33,9 @@ class FlexLoRA(FedAvg):
         sent = self.sent_keys(global_state)
         out: dict[str, torch.Tensor] = {}
         for b_key, a_key in lora_pairs({k: global_state[k] for k in sent}).values():
-            B, A = global_state[b_key], global_state[a_key]
-            Bs = [B + u.tensors[b_key].to(B.dtype) for u in uploads]
-            As = [A + u.tensors[a_key].to(A.dtype) for u in uploads]
-            out[b_key], out[a_key] = truncated_svd_of_sum(Bs, As, weights, B.shape[1])
+            Bs, As = reconstruct(global_state, uploads, b_key), reconstruct(global_state, uploads, a_key)
+            out[b_key], out[a_key] = truncated_svd_of_sum(Bs, As, weights, global_state[b_key].shape[1])
         for key in sent:
             if key not in out:
-                out[key] = global_state[key] + weighted_mean(
-                    [u.tensors[key].to(global_state[key].dtype) for u in uploads], weights
-                )
+                out[key] = global_state[key] + mean_delta(global_state, uploads, weights, key)
         return Payload(out, meta={"kind": KIND_STATE, "round": info.round})

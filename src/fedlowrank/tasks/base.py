@@ -29,6 +29,7 @@ from fedlowrank.config import choice, require
 
 __all__ = [
     "Task",
+    "PartitionedTask",
     "TrainConfig",
     "PartitionConfig",
     "partition_labels",
@@ -303,3 +304,24 @@ class Task(ABC):
         if n == 0:
             return {"accuracy": float("nan"), "loss": float("nan"), "samples": 0}
         return {"accuracy": correct / n, "loss": loss_sum / n, "samples": n}
+
+
+class PartitionedTask(Task):
+    """A task whose clients hold index arrays `self.parts[i]` into one training set, with
+    `config.num_clients` clients and batches of `config.batch_size` (digits, news-topics, fashion)."""
+
+    parts: list[np.ndarray]
+
+    @property
+    def num_clients(self) -> int:
+        return self.config.num_clients
+
+    def num_samples(self, client: int) -> int:
+        return int(self.parts[client].size)
+
+    def client_indices(self, client: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Endless batches of `client`'s training-set indices, shuffled by `generator`."""
+        idx = torch.from_numpy(self.parts[client])
+        for b in batches(idx.numel(), self.config.batch_size, generator):
+            yield idx[b]
+

@@ -30,9 +30,8 @@ from fedlowrank.config import choice, require
 from fedlowrank.tasks.base import (
     Batch,
     PartitionConfig,
-    Task,
+    PartitionedTask,
     TrainConfig,
-    batches,
     partition_labels,
     split_like,
     stratified_sample,
@@ -80,7 +79,7 @@ class DigitsConfig(PartitionConfig, TrainConfig):
         require(0.0 < self.test_fraction < 1.0, "test_fraction", f"must lie in (0, 1), got {self.test_fraction}")
 
 
-class DigitsTask(Task):
+class DigitsTask(PartitionedTask):
     name = "digits"
     Config = DigitsConfig
     num_classes = 10
@@ -132,17 +131,8 @@ class DigitsTask(Task):
             return {k: named[k] for k in keys}
         return dict(self.model.named_parameters())
 
-    @property
-    def num_clients(self) -> int:
-        return self.config.num_clients
-
-    def num_samples(self, client: int) -> int:
-        return int(self.parts[client].size)
-
     def client_batches(self, client: int, generator: torch.Generator) -> Iterator[Batch]:
-        idx = torch.from_numpy(self.parts[client])
-        for b in batches(idx.numel(), self.config.batch_size, generator):
-            sel = idx[b]
+        for sel in self.client_indices(client, generator):
             yield self.X_train[sel], self.y_train[sel]
 
     def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

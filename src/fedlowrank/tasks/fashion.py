@@ -39,9 +39,8 @@ from fedlowrank.config import choice, require
 from fedlowrank.tasks.base import (
     Batch,
     PartitionConfig,
-    Task,
+    PartitionedTask,
     TrainConfig,
-    batches,
     partition_labels,
     split_like,
     stratified_sample,
@@ -122,7 +121,7 @@ def small_vgg(widths: tuple[int, ...], num_classes: int = 10, in_channels: int =
     return model
 
 
-class FashionTask(Task):
+class FashionTask(PartitionedTask):
     name = "fashion"
     Config = FashionConfig
     num_classes = 10
@@ -153,21 +152,12 @@ class FashionTask(Task):
     def local_keys(self) -> list[str]:
         return list(self._local)
 
-    @property
-    def num_clients(self) -> int:
-        return self.config.num_clients
-
-    def num_samples(self, client: int) -> int:
-        return int(self.parts[client].size)
-
     @staticmethod
     def _images(x: torch.Tensor) -> torch.Tensor:  # (B, 28, 28) uint8 -> (B, 1, 28, 28) normalised
         return ((x.float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
     def client_batches(self, client: int, generator: torch.Generator) -> Iterator[Batch]:
-        idx = torch.from_numpy(self.parts[client])
-        for b in batches(idx.numel(), self.config.batch_size, generator):
-            sel = idx[b]
+        for sel in self.client_indices(client, generator):
             yield self._images(self.X_train[sel]), self.y_train[sel]
 
     def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

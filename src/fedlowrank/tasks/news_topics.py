@@ -39,9 +39,8 @@ from fedlowrank.data.packages import cache_dir, package_dir
 from fedlowrank.tasks.base import (
     Batch,
     PartitionConfig,
-    Task,
+    PartitionedTask,
     TrainConfig,
-    batches,
     partition_labels,
     stratified_sample,
 )
@@ -100,7 +99,7 @@ def load_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
     return texts, np.asarray(labels, dtype=np.int64), classes
 
 
-class NewsTopicsTask(Task):
+class NewsTopicsTask(PartitionedTask):
     name = "news-topics"
     Config = NewsTopicsConfig
     num_classes = 5
@@ -213,17 +212,8 @@ class NewsTopicsTask(Task):
     def parameters(self) -> dict[str, nn.Parameter]:
         return dict(self._keys)
 
-    @property
-    def num_clients(self) -> int:
-        return self.config.num_clients
-
-    def num_samples(self, client: int) -> int:
-        return int(self.parts[client].size)
-
     def client_batches(self, client: int, generator: torch.Generator) -> Iterator[Batch]:
-        idx = torch.from_numpy(self.parts[client])
-        for b in batches(idx.numel(), self.config.batch_size, generator):
-            sel = idx[b]
+        for sel in self.client_indices(client, generator):
             yield sel, self.labels[sel]
 
     def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
