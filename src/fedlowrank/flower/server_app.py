@@ -32,7 +32,7 @@ from fedlowrank.config import ConfigError
 from fedlowrank.flower.common import FlowerRunOptions, pack, unpack
 from fedlowrank.payload import Payload
 from fedlowrank.runconfig import RunConfig, dump_toml, load_run_config
-from fedlowrank.sim.report import markdown_table, plot_curves, summarize
+from fedlowrank.sim.experiment import write_run_summary
 from fedlowrank.sim.rundir import RunDir, atomic_write
 from fedlowrank.sim.runtime import SimState, Simulation
 from fedlowrank.tasks import make_task
@@ -266,11 +266,7 @@ def run_on_grid(grid: Grid, opts: FlowerRunOptions) -> dict[str, Any]:
     finally:
         log.removeHandler(handler)
         handler.close()
-    records = rd.read_metrics()
-    summary = summarize(records, algorithm, cfg.task_name, cfg.seed, cfg.name)
-    rd.write_json(rd.summary_json, summary)
-    atomic_write(rd.summary_md, f"# {cfg.name}: {algorithm} on {cfg.task_name} (Flower)\n\n" + markdown_table([summary]))
-    plot_curves([(algorithm, records)], rd.curves)
+    summary = write_run_summary(rd, cfg, algorithm, runtime_note=" (Flower)")
     print(f"fedlowrank: run directory {out}", flush=True)
     return summary
 

@@ -29,7 +29,7 @@ from fedlowrank.sim.rundir import RunDir, atomic_write
 from fedlowrank.sim.runtime import Channel, SimState, Simulation
 from fedlowrank.tasks import make_task
 
-__all__ = ["run_experiment", "Progress", "load_saved_config", "default_out_dir"]
+__all__ = ["run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
 
 log = logging.getLogger("fedlowrank.sim")
 
@@ -51,6 +51,17 @@ def load_saved_config(out: Path) -> RunConfig:
     if not path.exists():
         raise FileNotFoundError(f"{out}: no config.toml; is this a run directory?")
     return parse_run_config(tomllib.loads(path.read_text()))
+
+
+def write_run_summary(rd: RunDir, cfg: RunConfig, algorithm: str, runtime_note: str = "") -> dict[str, Any]:
+    """summary.json, summary.md and curves.png of one algorithm's finished run, from its metrics."""
+    records = rd.read_metrics()
+    summary = summarize(records, algorithm, cfg.task_name, cfg.seed, cfg.name)
+    rd.write_json(rd.summary_json, summary)
+    title = f"# {cfg.name}: {algorithm} on {cfg.task_name}{runtime_note}\n\n"
+    atomic_write(rd.summary_md, title + markdown_table([summary]))
+    plot_curves([(algorithm, records)], rd.curves)
+    return summary
 
 
 def _run_one(
@@ -94,11 +105,7 @@ def _run_one(
     finally:
         log.removeHandler(handler)
         handler.close()
-    records = rd.read_metrics()
-    summary = summarize(records, algorithm, cfg.task_name, cfg.seed, cfg.name)
-    rd.write_json(rd.summary_json, summary)
-    atomic_write(rd.summary_md, f"# {cfg.name}: {algorithm} on {cfg.task_name}\n\n" + markdown_table([summary]))
-    plot_curves([(algorithm, records)], rd.curves)
+    summary = write_run_summary(rd, cfg, algorithm)
     if progress is not None:
         progress.finish(algorithm, summary)
     return summary
