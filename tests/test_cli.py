@@ -43,6 +43,26 @@ def test_default_preset_is_fedsrd_against_fedavg_on_news_topics():
     assert cfg.make_algorithm("fedsrd").config.rebalance is False  # the paper's method
 
 
+def test_fedsrd_tables_preset_removes_one_component_per_ablation_row():
+    """Table 4 is cumulative: each row keeps the previous row's removals and drops one more."""
+    from fedlowrank.algorithms.fedavg import FedAvg
+    from fedlowrank.algorithms.fedsrd import FedSRD
+    from fedlowrank.algorithms.flexlora import FlexLoRA
+
+    cfg, _ = load_run_config("lm-domains-fedsrd-tables")
+    assert cfg.task_name == "lm-domains" and cfg.task.model == "smollm2"
+    rows = [cfg.make_algorithm(a) for a in
+            ("fedsrd", "fedsrd-fixed-ratio", "fedsrd-random-upload", "flexlora-random-upload", "fedavg-random-upload")]  # fmt: skip
+    full, fixed, rand, flex, avg = rows
+    assert type(full) is FedSRD and full.config.adaptive and full.config.upload_mask == "importance"
+    assert type(fixed) is FedSRD and not fixed.config.adaptive and fixed.config.upload_mask == "importance"
+    assert type(rand) is FedSRD and not rand.config.adaptive and rand.config.upload_mask == "random"
+    assert type(flex) is FlexLoRA and flex.config.upload_mask == "random"  # dense SVD download, reconstructs
+    assert type(avg) is FedAvg and avg.config.upload_mask == "random"  # no reconstruction
+    assert {r.config.upload_sparsity for r in rows} == {0.85}  # one base ratio throughout
+    assert cfg.make_algorithm("fedsrd-rebalance").config.rebalance
+
+
 def test_variant_labels_configure_a_registered_algorithm_twice():
     raw = {
         "algorithms": ["fedsrd", "srd-fixed"],
