@@ -135,3 +135,34 @@ def test_decompose_rejects_bad_inputs():
         decompose(B, A, Bs, As, w, 0, False)
     with pytest.raises(ValueError, match="method"):
         decompose(B, A, Bs, As, w, 1, False, method="svd")
+
+
+def test_float64_server_step_removes_the_float32_cancellation():
+    """Clients agreeing to 1e-6: SVD_r(W) - B A cancels in float32; server_dtype="float64" keeps
+    the float32 parameters and wire format but solves in float64."""
+    from fedlowrank.algorithms import RoundInfo, make_algorithm
+    from fedlowrank.payload import Payload
+
+    B, A, Bs, As, w = make_case(5, 64, 48, 4, 3, spread=1e-6)
+    B, A = B.float().double(), A.float().double()  # the float32 values, exactly, in float64
+    Bs, As = [b.float().double() for b in Bs], [a.float().double() for a in As]
+    _, dA_ref = decompose(B, A, Bs, As, [1 / 3] * 3, 2, False)  # the reference
+    state = {"m.lora_B": B.float(), "m.lora_A": A.float()}
+    uploads = [Payload({"m.lora_B": Bi.float() - B.float(), "m.lora_A": Ai.float() - A.float()}, meta={"kind": "delta"})
+               for Bi, Ai in zip(Bs, As)]  # fmt: skip
+    errors = {}
+    for dtype in ("float32", "float64"):
+        alg = make_algorithm("fedsrd", {"server_dtype": dtype, "download_drop": 0.0})
+        bc = alg.server_broadcast(state, uploads, [1, 1, 1], RoundInfo(round=2, seed=0))
+        assert bc.tensors["m.lora_A"].dtype == torch.float32
+        errors[dtype] = rel(bc.tensors["m.lora_A"].double(), dA_ref)
+    assert errors["float64"] < 1e-4  # float32 deltas (exact up to 1e-7 / 1e-6) and the cast back
+    assert errors["float32"] > 10 * errors["float64"]
+
+
+def test_server_dtype_is_checked_by_name():
+    from fedlowrank.algorithms import make_algorithm
+    from fedlowrank.config import ConfigError
+
+    with pytest.raises(ConfigError, match="server_dtype"):
+        make_algorithm("fedsrd", {"server_dtype": "float16"})

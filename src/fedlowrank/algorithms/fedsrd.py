@@ -183,11 +183,16 @@ class FedSRDConfig(UploadConfig):
     # The pinv solves otherwise let one factor grow while the other shrinks, and local optimizers
     # then take steps whose effect on B A scales with that imbalance. Costs no bytes.
     rebalance: bool = False
+    # Extension: the least precision of the server step. "float32" is the published code's; "float64"
+    # avoids the cancellation in SVD_r(W) - B A when clients' factors nearly agree (the solved
+    # delta is cast back to the parameters' dtype, so the wire format does not change).
+    server_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fields(self, download_drop=(0.0, 0.999))
         choice(self.method, "method", ("factored", "dense"))
+        choice(self.server_dtype, "server_dtype", ("float32", "float64"))
         choice(self.upload_mask, "upload_mask", ("none", "importance", "magnitude", "random"))
 
 
@@ -218,9 +223,13 @@ class FedSRD(Algorithm):
         done: set[str] = set()
         for b_key, a_key in lora_pairs({k: global_state[k] for k in sent}).values():
             B, A = global_state[b_key], global_state[a_key]
+            work = torch.promote_types(B.dtype, torch.float64 if cfg.server_dtype == "float64" else torch.float32)
             Bs, As = reconstruct(global_state, uploads, b_key), reconstruct(global_state, uploads, a_key)
-            dB, dA = decompose(B, A, Bs, As, weights, info.round, cfg.efficient, cfg.method)
-            key, delta = (b_key, dB) if info.round % 2 == 1 else (a_key, dA)
+            dB, dA = decompose(
+                B.to(work), A.to(work), [b.to(work) for b in Bs], [a.to(work) for a in As],
+                weights, info.round, cfg.efficient, cfg.method,
+            )  # fmt: skip
+            key, delta = (b_key, dB.to(B.dtype)) if info.round % 2 == 1 else (a_key, dA.to(A.dtype))
             if cfg.download_drop > 0.0:
                 seed = derive_seed(info.seed, "download", info.round, key)
                 delta = dare(delta, cfg.download_drop, seed)
