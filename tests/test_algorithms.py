@@ -43,7 +43,7 @@ def run_round(alg, state, t, m=3, seed=0):
 def test_registry_lists_every_method():
     assert set(ALGORITHMS) == {
         "fedsrd", "fedsrd-e", "fedavg", "fedprox", "ffa-lora", "flexlora", "fed-dare",
-        "fedavg-magnitude", "fedavg-importance",
+        "fedavg-magnitude", "fedavg-importance", "fedper",
     }
 
 
