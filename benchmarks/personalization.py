@@ -6,7 +6,8 @@ mod 10), each client with a test split of its own classes. Three methods on the 
   fedavg     one global model (the plain CNN), evaluated on each client's own test split;
   fedper     FedAvg of the body, the classifier head kept on each client (Arivazhagan et al. 2019);
   pfedpara   FedAvg on a pFedPara model, W = W1 * (W2 + 1) in every convolution, W2 local
-             (Hyeon-Woo et al. 2022), gamma 0.5.
+             (Hyeon-Woo et al. 2022), gamma 0.5;
+  pfedpara-head  the same with the linear head factorised too (its W2 local as well).
 
 Preset: configs/fashion-personalization.toml (sim.evaluation = "clients" for all three). Runs go
 to runs/results/personalization/<method>; finished runs are skipped, interrupted ones resumed.
@@ -45,6 +46,7 @@ METHODS = {  # method: --set overrides of the preset
     "fedavg": ["algorithms=[\"fedavg\"]", "task.model=plain"],
     "fedper": ["algorithms=[\"fedper\"]", "task.model=plain"],
     "pfedpara": ["algorithms=[\"fedavg\"]", "task.model=pfedpara"],
+    "pfedpara-head": ["algorithms=[\"fedavg\"]", "task.model=pfedpara", "task.fedpara_head=true"],
 }
 
 

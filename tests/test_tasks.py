@@ -193,6 +193,20 @@ def test_fashion_models_run_with_fedavg(model, gamma):
         assert "clients" in records[-1]["eval"] and task.local_keys()
 
 
+def test_fashion_fedpara_head_personalises_the_classifier_too():
+    fashion_or_skip()
+    from fedlowrank.fedpara import PFedParaLinear
+
+    convs = make_task("fashion", {**FASHION, "model": "pfedpara", "gamma": 0.5}, seed=0).build()
+    both = make_task("fashion", {**FASHION, "model": "pfedpara", "gamma": 0.5, "fedpara_head": True}, seed=0).build()
+    head = list(both.model.children())[-1]
+    assert isinstance(head, PFedParaLinear) and not isinstance(list(convs.model.children())[-1], PFedParaLinear)
+    extra = set(both.local_keys()) - set(convs.local_keys())
+    assert extra and all(k.startswith(f"{len(list(both.model.children())) - 1}.w2.") for k in extra)
+    records = Simulation(both, make_algorithm("fedavg"), SimConfig(rounds=2, clients_per_round=2, verify_sync=True), seed=0).run()
+    assert "clients" in records[-1]["eval"]
+
+
 def test_fashion_fedpara_sends_fewer_bytes_than_plain():
     fashion_or_skip()
     sent = {}

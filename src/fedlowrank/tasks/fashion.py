@@ -16,6 +16,10 @@ Model: per stage `w` in `widths`, two conv3x3 + GroupNorm(2) + ReLU blocks and a
 * `pfedpara`: W = W1 * (W2 + 1); W2's factors are local to each client (never sent, kept across
   rounds) and evaluation is per client on its own test split.
 
+Only the convolutions are factorised unless `fedpara_head = true`, which converts the linear
+head as well (for `pfedpara` its W2 then personalises the classifier, as the paper's pFedPara
+factorises fully connected layers).
+
 Bytes come from the same codec as every other task: a FedPara model simply has fewer
 parameters to send.
 """
@@ -57,6 +61,7 @@ class FashionConfig(PartitionConfig, TrainConfig):
     model: Literal["plain", "fedpara", "lowrank", "pfedpara"] = "plain"
     gamma: float = 0.1  # FedPara rank rule: 0 = R_min, 1 = R_max (the original layer's budget)
     widths: tuple[int, ...] = (16, 32, 64)
+    fedpara_head: bool = False  # also factorise the linear head (pfedpara: its W2 stays local too)
     train_samples: int = 0  # 0 = all 60000; else a stratified subsample
     test_samples: int = 2000
     local_steps: int = 10
@@ -142,7 +147,8 @@ class FashionTask(PartitionedTask):
         model = small_vgg(tuple(cfg.widths))
         self.table = None
         if cfg.model != "plain":
-            model, self.table = fedparaize(model, gamma=cfg.gamma, include=[nn.Conv2d], kind=cfg.model, inplace=True)
+            layers = [nn.Conv2d, nn.Linear] if cfg.fedpara_head else [nn.Conv2d]
+            model, self.table = fedparaize(model, gamma=cfg.gamma, include=layers, kind=cfg.model, inplace=True)
         self.model = model
         self._local = pfedpara_local_keys(model) if cfg.model == "pfedpara" else []
 
