@@ -1,6 +1,6 @@
 """The FedSRD paper's Tables 3, 4 and 7 and a byte-budget table, at our scale, on `lm-domains`.
 
-Runs (or resumes, skipping what has finished) the preset `lm-domains-fedsrd-tables` (14 methods
+Runs (or resumes, skipping what has finished) the preset `lm-domains-fedsrd-tables` (16 methods
 and ablation variants, same seed, data, initial adapter and local steps) and three more FedSRD
 runs that change only the wire format (fp32 + bitmap positions, bf16 and fp16 values with golomb
 positions), then writes the tables from the run directories' ledgers:
@@ -11,6 +11,7 @@ positions), then writes the tables from the run directories' ledgers:
   ablation): fixed ratio, then random (DARE) uploads, then FlexLoRA's dense SVD download, then
   plain averaging.
 * Table 7: FedAvg with random, magnitude and importance top-k uploads.
+* L1 rescaling of top-k uploads (the published code's, not in the paper), FedSRD and FedAvg.
 * Byte budget: FedSRD's wire formats side by side.
 * Longer horizon: FedAvg and FedSRD for 16 rounds (in-domain / OOD perplexity every 4 rounds
   against cumulative MB), since the paper runs 50-100 rounds and the preset only 6.
@@ -63,6 +64,12 @@ TABLE7 = [
     ("+ random sparsification (Fed-DARE, 90% drop)", "fed-dare"),
     ("+ magnitude top-k", "fedavg-magnitude"),
     ("+ importance-aware top-k (FedSRD Eq. 6)", "fedavg-importance"),
+]
+RESCALE = [
+    ("FedSRD (paper: no rescale)", "fedsrd"),
+    ("FedSRD, L1 rescale (published code)", "fedsrd-l1-rescale"),
+    ("FedAvg + importance top-k", "fedavg-importance"),
+    ("FedAvg + importance top-k, L1 rescale", "fedavg-importance-l1-rescale"),
 ]
 MB = 1e6
 
@@ -170,6 +177,12 @@ def tables(root: Path, base: dict[str, float] | None) -> tuple[dict[str, Any], s
     lines += ["", "## Table 7: upload sparsification as a FedAvg plug-in", "",
               "| method | run | in-domain ppl | OOD ppl | MB up | MB down |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for label, a in TABLE7:
+        r = rows[a]
+        lines.append(f"| {label} | {a} | {_f(r['eval']['in_domain_ppl'])} | {_f(r['eval']['ood_ppl'])} | "
+                     f"{_f(r['mb_up'], 3)} | {_f(r['mb_down'], 3)} |")  # fmt: skip
+    lines += ["", "## Rescaling the kept upload entries to the dense delta's L1 mass", "",
+              "| method | run | in-domain ppl | OOD ppl | MB up | MB down |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for label, a in RESCALE:
         r = rows[a]
         lines.append(f"| {label} | {a} | {_f(r['eval']['in_domain_ppl'])} | {_f(r['eval']['ood_ppl'])} | "
                      f"{_f(r['mb_up'], 3)} | {_f(r['mb_down'], 3)} |")  # fmt: skip
