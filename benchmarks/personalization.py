@@ -15,7 +15,7 @@ After the runs, each client's final model (the global state plus its own local k
 evaluated on its own test split: mean, standard deviation, min and max over the 20 clients.
 Writes benchmarks/results/personalization.{json,md} and prints the table.
 
-    .venv/bin/python benchmarks/personalization.py            # about 11 min on one core
+    .venv/bin/python benchmarks/personalization.py            # about 13 min on one core
     .venv/bin/python benchmarks/personalization.py --report   # tables from finished runs only
 """
 
