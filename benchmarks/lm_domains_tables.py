@@ -168,24 +168,18 @@ def tables(root: Path, base: dict[str, float] | None) -> tuple[dict[str, Any], s
             f"{ref['eval']['in_domain_ppl']:.3f}: goal (<= 10% of the bytes, ppl no worse) "
             f"{'met' if ok else 'NOT met'}"
         )
-    lines += ["", *goal, "", "## Table 4: ablation (components removed one after another)", "",
-              "| row | run | in-domain ppl | OOD ppl | MB up | MB down |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-    for label, a in TABLE4:
-        r = rows[a]
-        lines.append(f"| {label} | {a} | {_f(r['eval']['in_domain_ppl'])} | {_f(r['eval']['ood_ppl'])} | "
-                     f"{_f(r['mb_up'], 3)} | {_f(r['mb_down'], 3)} |")  # fmt: skip
-    lines += ["", "## Table 7: upload sparsification as a FedAvg plug-in", "",
-              "| method | run | in-domain ppl | OOD ppl | MB up | MB down |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-    for label, a in TABLE7:
-        r = rows[a]
-        lines.append(f"| {label} | {a} | {_f(r['eval']['in_domain_ppl'])} | {_f(r['eval']['ood_ppl'])} | "
-                     f"{_f(r['mb_up'], 3)} | {_f(r['mb_down'], 3)} |")  # fmt: skip
-    lines += ["", "## Rescaling the kept upload entries to the dense delta's L1 mass", "",
-              "| method | run | in-domain ppl | OOD ppl | MB up | MB down |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-    for label, a in RESCALE:
-        r = rows[a]
-        lines.append(f"| {label} | {a} | {_f(r['eval']['in_domain_ppl'])} | {_f(r['eval']['ood_ppl'])} | "
-                     f"{_f(r['mb_up'], 3)} | {_f(r['mb_down'], 3)} |")  # fmt: skip
+    lines += ["", *goal]
+    for title, first, spec in (
+        ("Table 4: ablation (components removed one after another)", "row", TABLE4),
+        ("Table 7: upload sparsification as a FedAvg plug-in", "method", TABLE7),
+        ("Rescaling the kept upload entries to the dense delta's L1 mass", "method", RESCALE),
+    ):
+        lines += ["", f"## {title}", "", f"| {first} | run | in-domain ppl | OOD ppl | MB up | MB down |",
+                  "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for label, a in spec:
+            r = rows[a]
+            lines.append(f"| {label} | {a} | {_f(r['eval']['in_domain_ppl'])} | {_f(r['eval']['ood_ppl'])} | "
+                         f"{_f(r['mb_up'], 3)} | {_f(r['mb_down'], 3)} |")  # fmt: skip
     lines += ["", "## Byte budget: FedSRD's wire format", "",
               "| values + upload positions | MB up | up / bound | MB down | bytes % of FedAvg | in-domain ppl | OOD ppl |",
               "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
