@@ -21,7 +21,7 @@ A "no fine-tuning" row scores the base model (LoRA B = 0, so the adapter is the 
 Writes benchmarks/results/lm_domains_tables.{json,md} and lm_domains_curves.png (in-domain
 perplexity against cumulative MB sent and against rounds, Table 3's methods).
 
-    .venv/bin/python benchmarks/lm_domains_tables.py                 # ~80 min on 2 cores
+    .venv/bin/python benchmarks/lm_domains_tables.py                 # ~2 h on 2 cores, 21 runs
     .venv/bin/python benchmarks/lm_domains_tables.py --tables-only   # from existing runs
 """
 
