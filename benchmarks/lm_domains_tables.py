@@ -87,11 +87,16 @@ def run_all(root: Path) -> None:
     run_experiment(cfg, d, resume=(d / "config.toml").exists())
 
 
-def ledger_row(rd: RunDir) -> dict[str, Any]:
-    """Final evaluation and mean bytes per client upload / download of one finished run."""
-    records = rd.read_metrics()
+def finished_metrics(rd: RunDir) -> list[dict[str, Any]]:
+    """The metrics records of a finished run; exits with a clear message otherwise."""
     if not rd.is_complete():
         raise SystemExit(f"{rd.path}: run not finished; run without --tables-only to finish it")
+    return rd.read_metrics()
+
+
+def ledger_row(rd: RunDir) -> dict[str, Any]:
+    """Final evaluation and mean bytes per client upload / download of one finished run."""
+    records = finished_metrics(rd)
     evals = [(r["round"], r["eval"]) for r in records if "eval" in r]
     final = evals[-1][1]
     best_round, best = min(evals, key=lambda e: e[1]["in_domain_ppl"])
@@ -202,14 +207,11 @@ def tables(root: Path, base: dict[str, float] | None) -> tuple[dict[str, Any], s
               "|---|---:|---:|---:|---:|"]  # fmt: skip
     long_runs = {}
     for a in long_cfg.algorithms:
-        rd = RunDir(root / "lm-domains-long" / a)
-        ledger_row(rd)  # exits with a clear message when the run has not finished
-        records, cum, pts = rd.read_metrics(), 0.0, []
-        for r in records:
-            cum += (r["upload_bytes"] + r["download_bytes"]) / MB
-            if "eval" in r:
-                pts.append({"round": r["round"], "in_domain_ppl": r["eval"]["in_domain_ppl"],
-                            "ood_ppl": r["eval"]["ood_ppl"], "cum_mb": cum})  # fmt: skip
+        pts = [
+            {"round": r["round"], "in_domain_ppl": r["eval"]["in_domain_ppl"], "ood_ppl": r["eval"]["ood_ppl"],
+             "cum_mb": (r["cum_upload_bytes"] + r["cum_download_bytes"]) / MB}
+            for r in finished_metrics(RunDir(root / "lm-domains-long" / a)) if "eval" in r
+        ]  # fmt: skip
         long_runs[a] = pts
         for p in pts:
             lines.append(f"| {a} | {p['round']} | {_f(p['in_domain_ppl'])} | {_f(p['ood_ppl'])} | {_f(p['cum_mb'], 1)} |")
