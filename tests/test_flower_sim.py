@@ -20,24 +20,31 @@ SET = ["task.num_clients=4", "sim.rounds=2", "sim.fraction=0.5", "sim.eval_every
 BYTES = ("upload_bytes", "download_bytes", "upload_bound_bytes", "download_bound_bytes", "broadcast_bytes")
 
 
-def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path):
+# fedsrd-plus: rebalancing (full-state catch-ups at rounds 8 and 9 must not rebalance again) and
+# client error feedback (its remainder lives in the SuperNode's context) on one client a round
+PLUS_SET = ["task.num_clients=4", "sim.rounds=10", "sim.fraction=0.25", "sim.eval_every=5"]
+
+
+@pytest.mark.parametrize("algorithm,overrides,catchup", [("fedsrd", SET, "deltas"), ("fedsrd-plus", PLUS_SET, "state")])
+def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path, algorithm, overrides, catchup):
     from flwr.simulation import run_simulation
 
     from fedlowrank.flower.client_app import app as client_app
     from fedlowrank.flower.server_app import make_server_app
 
-    opts = {"config": "digits-all", "algorithm": "fedsrd", "set": ";".join(SET),
+    opts = {"config": "digits-all", "algorithm": algorithm, "set": ";".join(overrides),
             "out-dir": str(tmp_path / "flower"), "round-timeout": 60.0}  # fmt: skip
     run_simulation(
         make_server_app(opts), client_app, num_supernodes=4,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
     )  # fmt: skip
-    cfg, _ = load_run_config("digits-all", SET)
-    run_experiment(dataclasses.replace(cfg, algorithms=("fedsrd",)), tmp_path / "inproc")
+    cfg, _ = load_run_config("digits-all", overrides)
+    run_experiment(dataclasses.replace(cfg, algorithms=(algorithm,)), tmp_path / "inproc")
 
     flower, inproc = RunDir(tmp_path / "flower"), RunDir(tmp_path / "inproc")
     fr, ir = flower.read_metrics(), inproc.read_metrics()
-    assert [r["round"] for r in fr] == [1, 2] and [r["round"] for r in ir] == [1, 2]
+    rounds = list(range(1, cfg.sim.rounds + 1))
+    assert [r["round"] for r in fr] == rounds and [r["round"] for r in ir] == rounds
     for f, i in zip(fr, ir, strict=True):
         assert f["clients"] == i["clients"] and f["accepted"] == i["accepted"] == len(i["clients"])
         assert f["dropped"] == i["dropped"] == []
@@ -46,8 +53,10 @@ def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path):
         for fc, ic in zip(f["per_client"], i["per_client"], strict=True):
             assert (fc["client"], fc["catchup"], fc["upload_bytes"], fc["download_bytes"]) == (
                 ic["client"], ic["catchup"], ic["upload_bytes"], ic["download_bytes"])  # fmt: skip
-        assert f["eval"]["accuracy"] == pytest.approx(i["eval"]["accuracy"])
-    assert any(c["catchup"] == "deltas" for c in fr[1]["per_client"])  # the catch-up path ran
+        if "eval" in i:
+            assert f["eval"]["accuracy"] == pytest.approx(i["eval"]["accuracy"])
+        assert f["diagnostics"] == pytest.approx(i["diagnostics"], rel=1e-5, abs=1e-7)
+    assert any(c["catchup"] == catchup for r in fr for c in r["per_client"])  # the catch-up path ran
     fs, is_ = flower.load_checkpoint()[0].global_state, inproc.load_checkpoint()[0].global_state
     assert fs.keys() == is_.keys()
     for k in fs:

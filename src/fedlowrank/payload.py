@@ -23,6 +23,9 @@ class Payload:
     seeds: dict[str, tuple[int, float]] = field(default_factory=dict)
     # small scalar fields, e.g. {"round": 3, "kind": "delta"}
     meta: dict[str, MetaValue] = field(default_factory=dict)
+    # diagnostics of whoever built the payload (energy kept by a mask, factor norms): never
+    # encoded, so a decoded payload has none; the runtimes copy them into the round records
+    stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.seeds) - set(self.tensors)

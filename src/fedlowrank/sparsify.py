@@ -11,6 +11,10 @@ FedSRD (Yan et al., WWW '26), Section 4.1:
 * Eq. 8, keep the top-k entries by importance. We keep exactly
   k = max(1, round((1 - rho) * n)) entries with deterministic ties (lower flat index first).
 
+Unbiased importance sampling (our extension, not in the paper): keep entry j with probability
+p_j = min(1, c I_j), c chosen so that sum_j p_j = k (the top-k count), kept values scaled by
+1 / p_j, so the upload's expectation is the dense delta.
+
 Download (Alg. 1 line 29): DARE, a Bernoulli keep mask drawn from a seed that travels with the
 broadcast, kept entries scaled by 1 / keep_prob.
 """
@@ -30,6 +34,8 @@ __all__ = [
     "seeded_keep_mask",
     "dare",
     "l1_rescale",
+    "sampling_probabilities",
+    "importance_sample",
 ]
 
 
@@ -130,16 +136,17 @@ def seeded_keep_mask(shape: tuple[int, ...] | torch.Size, keep_prob: float, seed
     return torch.rand(tuple(shape), generator=gen, dtype=torch.float32) < keep_prob
 
 
-def dare(t: torch.Tensor, drop_prob: float, seed: int) -> torch.Tensor:
+def dare(t: torch.Tensor, drop_prob: float, seed: int, rescale: bool = True) -> torch.Tensor:
     """DARE (Yu et al. 2024): drop each entry with probability drop_prob, rescale the rest.
 
     The mask is seeded_keep_mask(t.shape, 1 - drop_prob, seed), so a receiver that knows the seed
-    knows the positions.
+    knows the positions. `rescale=False` keeps the survivors as they are (a random-k mask: biased,
+    but contractive, which error feedback needs).
     """
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"DARE drop probability must lie in [0, 1), got {drop_prob}")
     keep = seeded_keep_mask(t.shape, 1.0 - drop_prob, seed).to(t.device)
-    return torch.where(keep, t / (1.0 - drop_prob), torch.zeros_like(t))
+    return torch.where(keep, t / (1.0 - drop_prob) if rescale else t, torch.zeros_like(t))
 
 
 def l1_rescale(dense: torch.Tensor, sparse: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -148,3 +155,44 @@ def l1_rescale(dense: torch.Tensor, sparse: torch.Tensor, eps: float = 1e-9) -> 
     if s <= eps:
         return sparse
     return sparse * (dense.abs().sum() / s)
+
+
+def sampling_probabilities(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """p_j = min(1, c s_j) with c such that sum_j p_j = k (water-filling over sorted scores).
+
+    Scores must be non-negative and finite. When fewer than k scores are positive, every
+    positive score gets p = 1 (and zeros get 0). Computed in float64.
+    """
+    s = scores.detach().reshape(-1).to(torch.float64)
+    if s.numel() == 0:
+        raise ValueError("sampling_probabilities: empty scores")
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("sampling_probabilities: scores must be finite and non-negative")
+    n = s.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"sampling_probabilities: k must lie in [1, {n}], got {k}")
+    positive = int((s > 0).sum())
+    if positive <= k:
+        return (s > 0).to(torch.float64).reshape(scores.shape)
+    desc = torch.sort(s, descending=True).values
+    suffix = torch.flip(torch.cumsum(torch.flip(desc, [0]), 0), [0])  # suffix[j] = sum desc[j:]
+    j = torch.arange(n, dtype=torch.float64)
+    c = (k - j) / suffix.clamp_min(torch.finfo(torch.float64).tiny)
+    # the number of clipped entries is the smallest j with c_j * desc[j] <= 1; j = k - 1 always
+    # qualifies, since more than k scores are positive
+    ok = (c * desc <= 1.0 + 1e-12) & (j < k)
+    jstar = int(torch.nonzero(ok)[0])
+    p = (s * c[jstar]).clamp(max=1.0)
+    return p.reshape(scores.shape)
+
+
+def importance_sample(delta: torch.Tensor, scores: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Keep entry j with probability p_j = sampling_probabilities(scores, k)_j (a seeded draw),
+    scaled by 1 / p_j: E[result] = delta wherever p_j > 0. Returns a dense tensor with zeros."""
+    p = sampling_probabilities(scores, k)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    u = torch.rand(tuple(delta.shape), generator=gen, dtype=torch.float64)
+    keep = u < p
+    scale = torch.where(keep, 1.0 / p.clamp_min(1e-300), torch.zeros_like(p))
+    return (delta.to(torch.float64) * scale).to(delta.dtype)

@@ -13,14 +13,14 @@ from typing import Any
 from fedlowrank.algorithms.base import Algorithm, ClientInfo, RoundInfo, apply_broadcast, derive_seed
 from fedlowrank.algorithms.fedavg import FedAvg, FedAvgImportance, FedAvgMagnitude, FedDARE, FedProx
 from fedlowrank.algorithms.fedper import FedPer
-from fedlowrank.algorithms.fedsrd import FedSRD, FedSRDe, decompose
+from fedlowrank.algorithms.fedsrd import FedSRD, FedSRDe, FedSRDePlus, FedSRDPlus, decompose
 from fedlowrank.algorithms.ffa_lora import FFALoRA
 from fedlowrank.algorithms.flexlora import FlexLoRA
 from fedlowrank.config import ConfigError, from_mapping
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
-    for cls in (FedSRD, FedSRDe, FedAvg, FedProx, FFALoRA, FlexLoRA, FedDARE, FedAvgMagnitude, FedAvgImportance, FedPer)
+    for cls in (FedSRD, FedSRDe, FedSRDPlus, FedSRDePlus, FedAvg, FedProx, FFALoRA, FlexLoRA, FedDARE, FedAvgMagnitude, FedAvgImportance, FedPer)
 }
 
 __all__ = [

@@ -10,6 +10,15 @@ An algorithm is pure tensor code, no I/O:
 * client hooks: `trainable_keys` (FFA-LoRA freezes A), `local_keys` (never leave the client),
   `regularizer` (FedProx's proximal term), `init_state` (adjust the initial global state).
 
+Algorithms that remember something between rounds declare it as explicit *memory*, a flat
+`{name: tensor}` dict the runtime stores, checkpoints and restores: `client_step(start, trained,
+info, memory)` and `server_step(global_state, uploads, num_samples, info, memory)` take the
+memory and return the new one next to the payload. A client's memory lives with that client
+(in-process: in the runtime's checkpoint; Flower: in the SuperNode's context, lost with the
+node) and survives the rounds it is not sampled; the server's memory lives in the checkpoint.
+The defaults call `client_payload` / `server_broadcast` and keep no memory, so a stateless
+algorithm implements only those two.
+
 States are flat `{key: tensor}` dicts (an adapter's state dict, or a whole small model's).
 Payloads carry `meta["kind"]`: "delta" (add to the state) or "state" (replace the values).
 """
@@ -179,6 +188,24 @@ class Algorithm(ABC):
 
     def apply_broadcast(self, state: Mapping[str, torch.Tensor], broadcast: Payload) -> State:
         return apply_broadcast(state, broadcast)
+
+    # --- the two sides with memory (what the runtimes call) ---------------------------------
+    def client_step(
+        self, start: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], info: ClientInfo, memory: State
+    ) -> tuple[Payload, State]:
+        """The upload and the client's new memory (default: `client_payload`, no memory)."""
+        return self.client_payload(start, trained, info), memory
+
+    def server_step(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        uploads: Sequence[Payload],
+        num_samples: Sequence[int],
+        info: RoundInfo,
+        memory: State,
+    ) -> tuple[Payload, State]:
+        """The broadcast and the server's new memory (default: `server_broadcast`, no memory)."""
+        return self.server_broadcast(global_state, uploads, num_samples, info), memory
 
     def upload_shapes(self, state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         """What a valid upload contains: name -> shape (the server's decoder checks against it)."""

@@ -22,13 +22,12 @@ import torch
 from fedlowrank.algorithms.base import (
     KIND_DELTA,
     Algorithm,
-    ClientInfo,
     RoundInfo,
     aggregation_weights,
     check_fields,
     mean_delta,
 )
-from fedlowrank.algorithms.upload import UploadConfig, sparse_upload
+from fedlowrank.algorithms.upload import SparseUploadClient, UploadConfig
 from fedlowrank.payload import Payload
 
 __all__ = ["FedAvg", "FedAvgConfig", "FedProx", "FedDARE", "FedAvgMagnitude", "FedAvgImportance"]
@@ -43,7 +42,7 @@ class FedAvgConfig(UploadConfig):
         check_fields(self, prox_mu=(0.0, 1e6))
 
 
-class FedAvg(Algorithm):
+class FedAvg(SparseUploadClient, Algorithm):
     """FedAvg of the sent parameters' deltas (uploads optionally sparsified, see UploadConfig)."""
 
     name = "fedavg"
@@ -52,9 +51,6 @@ class FedAvg(Algorithm):
 
     def __init__(self, config: FedAvgConfig | None = None) -> None:
         self.config = config or self.Config(**self.defaults)
-
-    def client_payload(self, start, trained, info: ClientInfo) -> Payload:
-        return sparse_upload(start, trained, self.sent_keys(start), self.config, info)
 
     def server_broadcast(
         self,

@@ -38,8 +38,8 @@ import torch
 from fedlowrank.algorithms.base import (
     KIND_DELTA,
     Algorithm,
-    ClientInfo,
     RoundInfo,
+    State,
     aggregation_weights,
     check_fields,
     derive_seed,
@@ -47,13 +47,13 @@ from fedlowrank.algorithms.base import (
     reconstruct,
     weighted_mean,
 )
-from fedlowrank.algorithms.upload import UploadConfig, sparse_upload
+from fedlowrank.algorithms.upload import SparseUploadClient, UploadConfig
 from fedlowrank.config import choice
-from fedlowrank.lora import balance_factors, lora_pairs
+from fedlowrank.lora import balance_factors, lora_pairs, truncated_svd_of_sum
 from fedlowrank.payload import Payload
 from fedlowrank.sparsify import dare
 
-__all__ = ["FedSRD", "FedSRDConfig", "FedSRDe", "decompose"]
+__all__ = ["FedSRD", "FedSRDConfig", "FedSRDe", "FedSRDPlus", "FedSRDePlus", "PLUS_DEFAULTS", "decompose", "solve_factor", "solve_inverse", "target"]
 
 
 def _check_inputs(B, A, client_Bs, client_As, weights, round) -> None:
@@ -75,19 +75,15 @@ def _check_inputs(B, A, client_Bs, client_As, weights, round) -> None:
         raise ValueError(f"decompose: rounds are numbered from 1, got {round}")
 
 
-def _decompose_dense(B, A, client_Bs, client_As, weights, round, efficient):
-    """The paper's server step: build W (d_out x d_in), full SVD, pseudo-inverse."""
+def _target_dense(B, A, client_Bs, client_As, weights, efficient):
+    """The paper's target: build W (d_out x d_in), full SVD. Returns (T, None)."""
     r = B.shape[1]
     W = weighted_mean([Bi @ Ai for Bi, Ai in zip(client_Bs, client_As)], weights)
     if efficient:
-        T = W - B @ A
-    else:
-        U, S, Vh = torch.linalg.svd(W)  # the published code's call: full_matrices=True
-        k = min(r, S.numel())
-        T = (U[:, :k] * S[:k]) @ Vh[:k] - B @ A
-    if round % 2 == 1:
-        return T @ torch.linalg.pinv(A), torch.zeros_like(A)
-    return torch.zeros_like(B), torch.linalg.pinv(B) @ T
+        return W - B @ A, None
+    U, S, Vh = torch.linalg.svd(W)  # the published code's call: full_matrices=True
+    k = min(r, S.numel())
+    return (U[:, :k] * S[:k]) @ Vh[:k] - B @ A, None
 
 
 def _householder(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,29 +101,20 @@ def _q_times(a: torch.Tensor, tau: torch.Tensor, M: torch.Tensor) -> torch.Tenso
     return torch.ormqr(a, tau, M, left=True, transpose=False)
 
 
-def _qt_times(a: torch.Tensor, tau: torch.Tensor, M: torch.Tensor, k: int) -> torch.Tensor:
-    """Q^T @ M for the reduced Q (d x k), M (d x c)."""
-    return torch.ormqr(a, tau, M, left=True, transpose=True)[:k]
-
-
-def _decompose_factored(B, A, client_Bs, client_As, weights, round, efficient):
+def _target_factored(B, A, client_Bs, client_As, weights, efficient):
+    """T as a product L @ R, never building a d_out x d_in matrix."""
     r = B.shape[1]
-    odd = round % 2 == 1
-    pinv_A = torch.linalg.pinv(A) if odd else None  # (d_in, r): O(d_in r^2)
-    pinv_B = None if odd else torch.linalg.pinv(B)  # (r, d_out)
     if efficient:
         # T = W - B A = sum_i p_i dB_i A_i + B (sum_i p_i A_i - A) = X @ Y, with
         # X = [dB_1..dB_m, B] (d_out, q) and Y (q, d_in): no cancellation, no QR.
-        dBs = [Bi - B for Bi in client_Bs]
-        X = torch.cat(dBs + [B], dim=1)
+        X = torch.cat([Bi - B for Bi in client_Bs] + [B], dim=1)
         tail = weighted_mean(client_As, weights) - A
         Y = torch.cat([w * Ai for w, Ai in zip(weights, client_As)] + [tail], dim=0)
-        if odd:
-            return X @ (Y @ pinv_A), torch.zeros_like(A)
-        return torch.zeros_like(B), (pinv_B @ X) @ Y
+        return X, Y
     # FedSRD: W = X diag(p) Z with X = [B_1..B_m] (d_out, q), Z = [A_1; ..; A_m] (q, d_in),
     # q = m r. X = Q_L R_L and Z^T = Q_R R_R (Householder, Q kept implicit), so
-    # W = Q_L (R_L diag(p) R_R^T) Q_R^T and SVD_r(W) = Q_L U_r S_r V_r^T Q_R^T from the core's SVD.
+    # W = Q_L (R_L diag(p) R_R^T) Q_R^T and SVD_r(W) = Q_L U_r S_r V_r^T Q_R^T from the core's SVD;
+    # T = [Q_L U_r S_r, B] @ [V_r^T Q_R^T; -A].
     X = torch.cat(client_Bs, dim=1)
     Z = torch.cat(client_As, dim=0)
     p = torch.cat([torch.full((r,), w, dtype=X.dtype, device=X.device) for w in weights])
@@ -135,14 +122,68 @@ def _decompose_factored(B, A, client_Bs, client_As, weights, round, efficient):
     aR, tauR, R_R = _householder(Z.mT)
     U, S, Vh = torch.linalg.svd((R_L * p[None, :]) @ R_R.mT, full_matrices=False)
     k = min(r, S.numel())
-    US, Vh = U[:, :k] * S[:k], Vh[:k]  # SVD_r(W) = Q_L US Vh Q_R^T
-    if odd:
-        # dB = (SVD_r(W) - B A) pinv(A) = Q_L US (Vh Q_R^T pinv(A)) - B (A pinv(A))
-        M = US @ (Vh @ _qt_times(aR, tauR, pinv_A, R_R.shape[0]))
-        return _q_times(aL, tauL, M) - B @ (A @ pinv_A), torch.zeros_like(A)
-    # dA = pinv(B) (SVD_r(W) - B A) = ((pinv(B) Q_L) US Vh) Q_R^T - (pinv(B) B) A
-    N = (_qt_times(aL, tauL, pinv_B.mT, R_L.shape[0]).mT @ US) @ Vh  # (r, k_R)
-    return torch.zeros_like(B), _q_times(aR, tauR, N.mT).mT - (pinv_B @ B) @ A
+    left = _q_times(aL, tauL, U[:, :k] * S[:k])  # (d_out, k)
+    right = _q_times(aR, tauR, Vh[:k].mT).mT  # (k, d_in)
+    return torch.cat([left, B], dim=1), torch.cat([right, -A], dim=0)
+
+
+def target(
+    B: torch.Tensor,
+    A: torch.Tensor,
+    client_Bs: Sequence[torch.Tensor],
+    client_As: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    efficient: bool,
+    method: str = "factored",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FedSRD's server target for one module: T = SVD_r(W) - B A (Eq. 10), or W - B A (FedSRD-e),
+    W = sum_i p_i B_i A_i (Eq. 9). Returned as (L, R) with T = L @ R (factored, at most
+    (m + 1) r columns) or as (T, None) (method "dense", the paper's reference)."""
+    if method == "factored":
+        return _target_factored(B, A, list(client_Bs), list(client_As), [float(w) for w in weights], efficient)
+    if method == "dense":
+        return _target_dense(B, A, list(client_Bs), list(client_As), [float(w) for w in weights], efficient)
+    raise ValueError(f"decompose: method must be 'factored' or 'dense', got {method!r}")
+
+
+SOLVES = ("pinv", "truncated", "tikhonov")
+
+
+def solve_inverse(M: torch.Tensor, solve: str = "pinv", tol: float = 0.0) -> torch.Tensor:
+    """The (damped) pseudo-inverse of a factor M used by the alternating solves.
+
+    "pinv": the paper's Moore-Penrose pseudo-inverse (torch's default cut-off).
+    "truncated": singular values below tol * s_max are dropped (equal to pinv when every
+    singular value is above the cut-off). "tikhonov": regularised least squares,
+    s / (s^2 + (tol s_max)^2) in place of 1 / s: within a relative (tol s_max / s_min)^2 of
+    pinv on well-conditioned input, and never more than 1 / (2 tol s_max) on any direction.
+    """
+    if solve == "pinv":
+        return torch.linalg.pinv(M)
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    smax = S.max() if S.numel() else S.new_zeros(())
+    if smax <= 0:
+        return torch.zeros_like(M.mT)
+    if solve == "truncated":
+        inv = torch.where(S > tol * smax, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
+    else:
+        inv = S / (S * S + (tol * smax) ** 2)
+    return Vh.mT @ (inv[:, None] * U.mT)
+
+
+def solve_factor(
+    L: torch.Tensor, R: torch.Tensor | None, B: torch.Tensor, A: torch.Tensor, round: int,
+    solve: str = "pinv", tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Eq. 12-13: odd rounds dB = T pinv(A), dA = 0; even rounds dA = pinv(B) T, dB = 0; T = L @ R
+    (or L itself when R is None). O((d_out + d_in) q r) for a factored T of q columns."""
+    if round % 2 == 1:
+        P = solve_inverse(A, solve, tol)  # (d_in, r)
+        return (L @ P if R is None else L @ (R @ P)), torch.zeros_like(A)
+    P = solve_inverse(B, solve, tol)  # (r, d_out)
+    return torch.zeros_like(B), (P @ L if R is None else (P @ L) @ R)
 
 
 def decompose(
@@ -154,20 +195,26 @@ def decompose(
     round: int,
     efficient: bool,
     method: str = "factored",
+    solve: str = "pinv",
+    tol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FedSRD's server update of one LoRA module before download sparsification.
 
     B (d_out, r), A (r, d_in): the global factors; client_Bs / client_As: the reconstructed
     client factors B + dB_i, A + dA_i; weights p_i. Returns (dB, dA); in odd rounds dA is all
-    zeros, in even rounds dB is. `efficient=True` is FedSRD-e (no SVD).
+    zeros, in even rounds dB is. `efficient=True` is FedSRD-e (no SVD). `solve` / `tol` pick the
+    pseudo-inverse (`solve_inverse`; "pinv" is the paper's).
     """
     _check_inputs(B, A, client_Bs, client_As, weights, round)
-    client_Bs, client_As, weights = list(client_Bs), list(client_As), [float(w) for w in weights]
-    if method == "factored":
-        return _decompose_factored(B, A, client_Bs, client_As, weights, int(round), efficient)
-    if method == "dense":
-        return _decompose_dense(B, A, client_Bs, client_As, weights, int(round), efficient)
-    raise ValueError(f"decompose: method must be 'factored' or 'dense', got {method!r}")
+    L, R = target(B, A, client_Bs, client_As, weights, efficient, method)
+    return solve_factor(L, R, B, A, int(round), solve, tol)
+
+
+def _norm2(L: torch.Tensor, R: torch.Tensor | None) -> float:
+    """||L @ R||_F^2 without forming the product (||L||^2 when R is None)."""
+    if R is None:
+        return float((L * L).sum())
+    return float(((L.mT @ L) * (R @ R.mT)).sum())
 
 
 @dataclass(frozen=True)
@@ -187,26 +234,50 @@ class FedSRDConfig(UploadConfig):
     # avoids the cancellation in SVD_r(W) - B A when clients' factors nearly agree (the solved
     # delta is cast back to the parameters' dtype, so the wire format does not change).
     server_dtype: str = "float32"
+    # Extension: the pseudo-inverse of Eq. 12-13. "pinv" is the paper's; "truncated" drops
+    # singular values below solve_tol * s_max, "tikhonov" damps them (solve_inverse), so a nearly
+    # singular factor cannot turn a small target into a huge delta.
+    solve: str = "pinv"
+    solve_tol: float = 0.05
+    # Extension: server-side error feedback on the download. What the broadcast does not realise of
+    # the target (the entries the download mask dropped, and what one factor cannot express) is
+    # kept by the server, as a rank <= 2r product, and added to the next round's target. No bytes;
+    # the global state stays exactly what the clients hold.
+    download_feedback: bool = False
+    # The paper scales the survivors of the download mask by 1 / (1 - download_drop) (DARE). False
+    # sends them unscaled: a biased but contractive mask, which error feedback needs (DARE's error
+    # is twice the delta's norm at drop 0.8, so feeding it back grows without bound).
+    download_rescale: bool = True
+    # Per-round diagnostics in the round records (factor norms, conditioning, energy kept,
+    # realisation error): cheap for FedSRD, O(d q^2) for FedSRD-e with q = (m + 1) r.
+    diagnostics: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fields(self, download_drop=(0.0, 0.999))
+        check_fields(self, download_drop=(0.0, 0.999), solve_tol=(1e-12, 1.0))
         choice(self.method, "method", ("factored", "dense"))
         choice(self.server_dtype, "server_dtype", ("float32", "float64"))
-        choice(self.upload_mask, "upload_mask", ("none", "importance", "magnitude", "random"))
+        choice(self.solve, "solve", SOLVES)
 
 
-class FedSRD(Algorithm):
-    """FedSRD (and, with `efficient=True`, FedSRD-e). Non-LoRA trained keys are averaged (FedAvg)."""
+def _feedback_keys(module: str) -> tuple[str, str]:
+    return f"{module}.download_feedback_L", f"{module}.download_feedback_R"
+
+
+class FedSRD(SparseUploadClient, Algorithm):
+    """FedSRD (and, with `efficient=True`, FedSRD-e). Non-LoRA trained keys are averaged (FedAvg).
+
+    The options beyond the paper (rebalance, server_dtype, solve, download_feedback,
+    download_rescale, upload_feedback, upload_mask "importance-sampled") are off by default;
+    `fedsrd-plus` turns on the combination docs/algorithms.md measures.
+    """
 
     name = "fedsrd"
     Config = FedSRDConfig
+    defaults: dict = {}
 
     def __init__(self, config: FedSRDConfig | None = None) -> None:
-        self.config = config or self.Config()
-
-    def client_payload(self, start, trained, info: ClientInfo) -> Payload:
-        return sparse_upload(start, trained, self.sent_keys(start), self.config, info)
+        self.config = config or self.Config(**self.defaults)
 
     def server_broadcast(
         self,
@@ -215,36 +286,65 @@ class FedSRD(Algorithm):
         num_samples: Sequence[int],
         info: RoundInfo,
     ) -> Payload:
+        if self.config.download_feedback:
+            raise ValueError("download_feedback keeps server memory: call server_step, not server_broadcast")
+        return self.server_step(global_state, uploads, num_samples, info, {})[0]
+
+    def server_step(self, global_state, uploads, num_samples, info: RoundInfo, memory: State) -> tuple[Payload, State]:
         cfg = self.config
         weights = aggregation_weights(num_samples, cfg.weighting)
         sent = self.sent_keys(global_state)
+        odd = info.round % 2 == 1
         out: dict[str, torch.Tensor] = {}
         seeds: dict[str, tuple[int, float]] = {}
+        new_memory: State = {}
         done: set[str] = set()
-        for b_key, a_key in lora_pairs({k: global_state[k] for k in sent}).values():
-            B, A = global_state[b_key], global_state[a_key]
-            work = torch.promote_types(B.dtype, torch.float64 if cfg.server_dtype == "float64" else torch.float32)
-            Bs, As = reconstruct(global_state, uploads, b_key), reconstruct(global_state, uploads, a_key)
-            dB, dA = decompose(
-                B.to(work), A.to(work), [b.to(work) for b in Bs], [a.to(work) for a in As],
-                weights, info.round, cfg.efficient, cfg.method,
-            )  # fmt: skip
-            key, delta = (b_key, dB.to(B.dtype)) if info.round % 2 == 1 else (a_key, dA.to(A.dtype))
+        diag = _Diagnostics() if cfg.diagnostics else None
+        for module, (b_key, a_key) in lora_pairs({k: global_state[k] for k in sent}).items():
+            B0, A0 = global_state[b_key], global_state[a_key]
+            work = torch.promote_types(B0.dtype, torch.float64 if cfg.server_dtype == "float64" else torch.float32)
+            B, A = B0.to(work), A0.to(work)
+            Bs = [b.to(work) for b in reconstruct(global_state, uploads, b_key)]
+            As = [a.to(work) for a in reconstruct(global_state, uploads, a_key)]
+            _check_inputs(B, A, Bs, As, weights, info.round)
+            L, R = target(B, A, Bs, As, weights, cfg.efficient, cfg.method)
+            if R is None and (cfg.download_feedback or diag is not None):
+                R = torch.eye(A.shape[1], dtype=work, device=A.device)  # dense T = T @ I
+            fb_L, fb_R = _feedback_keys(module)
+            if cfg.download_feedback and fb_L in memory:
+                L = torch.cat([L, memory[fb_L].to(work)], dim=1)
+                R = torch.cat([R, memory[fb_R].to(work)], dim=0)
+            dB, dA = solve_factor(L, R, B, A, info.round, cfg.solve, cfg.solve_tol)
+            key, delta = (b_key, dB.to(B0.dtype)) if odd else (a_key, dA.to(A0.dtype))
+            solved = delta
             if cfg.download_drop > 0.0:
                 seed = derive_seed(info.seed, "download", info.round, key)
-                delta = dare(delta, cfg.download_drop, seed)
+                delta = dare(delta, cfg.download_drop, seed, rescale=cfg.download_rescale)
                 seeds[key] = (seed, 1.0 - cfg.download_drop)
             out[key] = delta
             done.update((b_key, a_key))
+            if cfg.download_feedback or diag is not None:
+                d = delta.to(work)
+                # what is left of T after the broadcast: T - dB' A (odd) or T - B dA' (even)
+                res_L = torch.cat([L, -d], dim=1) if odd else torch.cat([L, -B], dim=1)
+                res_R = torch.cat([R, A], dim=0) if odd else torch.cat([R, d], dim=0)
+                if diag is not None:
+                    diag.add(B, A, odd, solved.to(work), d, _norm2(L, R), _norm2(res_L, res_R), cfg.download_drop > 0.0)
+                if cfg.download_feedback:
+                    keep_L, keep_R = truncated_svd_of_sum([res_L], [res_R], [1.0], 2 * B.shape[1])
+                    new_memory[fb_L], new_memory[fb_R] = keep_L.to(B0.dtype).contiguous(), keep_R.to(A0.dtype).contiguous()
         for key in sent:  # anything that is not a LoRA factor: plain FedAvg of the deltas
             if key not in done:
                 out[key] = mean_delta(global_state, uploads, weights, key)
-        return Payload(out, seeds=seeds, meta={"kind": KIND_DELTA, "round": info.round})
-
+        stats = diag.summary() if diag is not None else {}
+        payload = Payload(out, seeds=seeds, meta={"kind": KIND_DELTA, "round": info.round}, stats=stats)
+        return payload, new_memory
 
     def apply_broadcast(self, state, broadcast: Payload):
         out = super().apply_broadcast(state, broadcast)
-        if self.config.rebalance:
+        # A full-state catch-up carries the server's factors as they are (already balanced):
+        # rebalancing them again would not give the same bits (SVD signs), so it is skipped.
+        if self.config.rebalance and broadcast.meta.get("kind", KIND_DELTA) == KIND_DELTA:
             touched = set(broadcast.tensors)
             for b_key, a_key in lora_pairs(out).values():
                 if b_key in touched or a_key in touched:
@@ -253,10 +353,66 @@ class FedSRD(Algorithm):
         return out
 
 
+class _Diagnostics:
+    """Per-round facts of the server step, summed or maxed over LoRA modules (docs/algorithms.md)."""
+
+    def __init__(self) -> None:
+        self.b_norm = self.a_norm = self.cond = self.step = 0.0
+        self.solved2 = self.kept2 = self.target2 = self.residual2 = 0.0
+        self.masked = False
+
+    def add(self, B, A, odd, solved, sent, target2, residual2, masked) -> None:
+        nb, na = float(torch.linalg.matrix_norm(B)), float(torch.linalg.matrix_norm(A))
+        self.b_norm, self.a_norm = max(self.b_norm, nb), max(self.a_norm, na)
+        s = torch.linalg.svdvals(A if odd else B)
+        if s.numel() and float(s[0]) > 0:
+            self.cond = max(self.cond, min(1e30, float(s[0] / s[-1])) if float(s[-1]) > 0 else 1e30)
+        factor = na if odd else nb
+        if factor > 0:
+            self.step = max(self.step, float(torch.linalg.matrix_norm(sent)) / factor)
+        self.solved2 += float((solved * solved).sum())
+        self.kept2 += float((solved * solved)[sent != 0].sum())
+        self.target2 += target2
+        self.residual2 += max(residual2, 0.0)
+        self.masked = self.masked or masked
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "B_norm_max": self.b_norm,
+            "A_norm_max": self.a_norm,
+            "solve_cond_max": self.cond,
+            "step_rel_max": self.step,
+            "download_kept_energy": self.kept2 / self.solved2 if self.solved2 > 0 else 1.0,
+            "realisation_error": (self.residual2 / self.target2) ** 0.5 if self.target2 > 0 else 0.0,
+        }
+
+
 class FedSRDe(FedSRD):
     """FedSRD-e: FedSRD without the SVD projection (target T = W - B A)."""
 
     name = "fedsrd-e"
+    defaults = {"efficient": True}
 
-    def __init__(self, config: FedSRDConfig | None = None) -> None:
-        super().__init__(config or FedSRDConfig(efficient=True))
+
+# The combination benchmarks/fedsrd_stability.py measured best (docs/algorithms.md, "fedsrd-plus").
+PLUS_DEFAULTS: dict = {
+    "download_rescale": False,
+    "rebalance": True,
+    "upload_feedback": True,
+}
+
+
+class FedSRDPlus(FedSRD):
+    """fedsrd-plus: FedSRD's sparsify / reconstruct / decompose and byte budget, with unscaled
+    download masks, factor rebalancing and client error feedback (PLUS_DEFAULTS). Not the paper's
+    method: `fedsrd` is. docs/algorithms.md says what differs and what it measured."""
+
+    name = "fedsrd-plus"
+    defaults = dict(PLUS_DEFAULTS)
+
+
+class FedSRDePlus(FedSRD):
+    """fedsrd-e-plus: FedSRD-e (no SVD) with fedsrd-plus's options."""
+
+    name = "fedsrd-e-plus"
+    defaults = {"efficient": True, **PLUS_DEFAULTS}

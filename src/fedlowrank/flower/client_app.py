@@ -15,7 +15,8 @@ Messages (all from `fedlowrank.flower.server_app`):
   global state (the same decoded bytes the server applied).
 
 What a client keeps between messages (`context.state`, never sent): the sent keys as of the
-last round it synced to, that round, and its local keys.
+last round it synced to, that round, its local keys, and the algorithm's client memory
+(`Algorithm.client_step`: upload error feedback's remainder). All of it is lost with the node.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from flwr.clientapp import ClientApp
 from fedlowrank.codec import decode_payload
 from fedlowrank.flower.common import pack, state_from_bytes, state_to_bytes, unpack
 from fedlowrank.runconfig import parse_run_config
-from fedlowrank.sim.runtime import Simulation, encode
+from fedlowrank.sim.runtime import Simulation, client_diagnostics, encode
 from fedlowrank.tasks import make_task
 
 __all__ = ["app"]
@@ -62,18 +63,18 @@ def _partition(context: Context) -> int:
 
 
 # --- the client's private state ----------------------------------------------------------------
-def _load(sim: Simulation, context: Context) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(round synced to, sent keys at that round, local keys)."""
+def _load(sim: Simulation, context: Context) -> tuple[int, dict, dict, dict]:
+    """(round synced to, sent keys at that round, local keys, algorithm memory)."""
     if "fedlowrank" not in context.state:
-        return 0, {k: v.clone() for k, v in sim._initial_sent.items()}, {}
+        return 0, {k: v.clone() for k, v in sim._initial_sent.items()}, {}, {}
     rec = context.state["fedlowrank"]
-    return int(rec["version"]), state_from_bytes(rec["sent"]), state_from_bytes(rec["local"])
+    memory = state_from_bytes(rec["memory"]) if "memory" in rec else {}
+    return int(rec["version"]), state_from_bytes(rec["sent"]), state_from_bytes(rec["local"]), memory
 
 
-def _save(context: Context, version: int, sent: dict, local: dict) -> None:
-    context.state["fedlowrank"] = ConfigRecord(
-        {"version": version, "sent": state_to_bytes(sent), "local": state_to_bytes(local)}
-    )
+def _save(context: Context, version: int, sent: dict, local: dict, memory: dict) -> None:
+    context.state["fedlowrank"] = ConfigRecord({"version": version, "sent": state_to_bytes(sent),
+                                                "local": state_to_bytes(local), "memory": state_to_bytes(memory)})  # fmt: skip
 
 
 def _apply(sim: Simulation, sent: dict, data: bytes, shapes: dict | None = None) -> dict:
@@ -101,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         t, client = int(cfg["round"]), int(cfg["client"])
         if client != _partition(context):
             return _error(msg, f"message for client {client}, but this node holds partition {_partition(context)}")
-        version, sent, local = _load(sim, context)
+        version, sent, local, memory = _load(sim, context)
         base = int(cfg["from-version"])
         if version < base:
             return _error(msg, f"out of sync: holds round {version}, the server assumed {base}")
@@ -116,18 +117,18 @@ def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(sim.threads)
         try:
             start = {**sim.state.global_state, **sent, **local}
-            payload, trained, stats = sim._train_client(client, t, start)
+            payload, trained, stats, memory = sim._train_client(client, t, start, memory)
             t0 = time.perf_counter()
             enc = encode(payload, sim.cfg.upload_positions, sim.cfg.upload_dtype)
             stats["encode_seconds"] = time.perf_counter() - t0
         finally:
             torch.set_num_threads(threads)
         local = {k: trained[k] for k in sim.local_keys}
-        _save(context, t - 1, sent, local)
+        _save(context, t - 1, sent, local, memory)
         metrics = MetricRecord({
             "train_loss": float(stats["loss"]), "train_seconds": float(stats["train_seconds"]),
             "encode_seconds": float(stats["encode_seconds"]), "num_samples": int(sim.task.num_samples(client)),
-            "upload_bound_bytes": float(enc.bound_bytes),
+            "upload_bound_bytes": float(enc.bound_bytes), **client_diagnostics(stats),
         })  # fmt: skip
         return Message(RecordDict({"up": pack([enc.data]), "metrics": metrics}), reply_to=msg)
     except Exception as e:  # noqa: BLE001 - reported to the server, which leaves this client out
@@ -139,8 +140,8 @@ def train(msg: Message, context: Context) -> Message:
 def apply(msg: Message, context: Context) -> Message:
     sim = _simulation(msg)
     t = int(msg.content["config"]["round"])
-    version, sent, local = _load(sim, context)
+    version, sent, local, memory = _load(sim, context)
     if version != t - 1:
         return _error(msg, f"out of sync: holds round {version}, the broadcast is for round {t}")
-    _save(context, t, _apply(sim, sent, unpack(msg.content["down"])[0]), local)
+    _save(context, t, _apply(sim, sent, unpack(msg.content["down"])[0]), local, memory)
     return Message(RecordDict({"result": ConfigRecord({"round": t})}), reply_to=msg)

@@ -34,7 +34,7 @@ from fedlowrank.payload import Payload
 from fedlowrank.runconfig import RunConfig, dump_toml, load_run_config
 from fedlowrank.sim.experiment import write_run_summary
 from fedlowrank.sim.rundir import RunDir, atomic_write
-from fedlowrank.sim.runtime import SimState, Simulation
+from fedlowrank.sim.runtime import SimState, Simulation, client_diagnostics
 from fedlowrank.tasks import make_task
 
 __all__ = ["app", "make_server_app", "FlowerSimulation", "run_on_grid"]
@@ -168,6 +168,7 @@ class FlowerSimulation(Simulation):
             m = reply.content["metrics"]
             rec.update(train_loss=m["train_loss"], train_seconds=m["train_seconds"],
                        encode_seconds=m["encode_seconds"], num_samples=int(m["num_samples"]))  # fmt: skip
+            rec.update(client_diagnostics(m))
             [data] = unpack(reply.content["up"])
             rec["upload_bytes"], rec["upload_bound_bytes"] = len(data), float(m["upload_bound_bytes"])
             got, seconds = self._accept_upload(t, rec, data)
@@ -178,9 +179,9 @@ class FlowerSimulation(Simulation):
             weights.append(int(m["num_samples"]))
             accepted.append(i)
 
-        broadcast_bytes = 0
+        broadcast_bytes, diagnostics = 0, {}
         if uploads:
-            enc, _, seconds = self._aggregate(t, uploads, weights)
+            enc, _, seconds, diagnostics = self._aggregate(t, uploads, weights)
             server_s += seconds
             broadcast_bytes = len(enc.data)
             synced = self._send_broadcast(t, enc.data, [r for r in records if r["client"] in accepted])
@@ -192,7 +193,8 @@ class FlowerSimulation(Simulation):
         else:
             log.warning("round %d: no upload accepted; the global state is unchanged", t)
         self._prune_history()
-        return self._finish_round(t, clients, records, accepted, broadcast_bytes, server_s, wall0, runtime="flower")
+        return self._finish_round(t, clients, records, accepted, broadcast_bytes, server_s, wall0, diagnostics,
+                                  runtime="flower")
 
     def _collect(self, ids: list[str]) -> dict[str, Message]:
         """Replies to the messages `ids`, as many as come within the round timeout."""

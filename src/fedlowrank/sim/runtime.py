@@ -38,6 +38,7 @@ import torch
 from fedlowrank.algorithms.base import Algorithm, ClientInfo, RoundInfo, derive_seed, state_payload
 from fedlowrank.codec import VALUE_DTYPES, PayloadError, decode_payload, encode_payload, encode_payload_with_stats
 from fedlowrank.config import choice, require
+from fedlowrank.lora import lora_pairs
 from fedlowrank.payload import Payload
 from fedlowrank.tasks.base import Task
 
@@ -135,6 +136,8 @@ class SimState:
     history: list[tuple[int, bytes, float]] = field(default_factory=list)  # (round, bytes, bound)
     pruned: int = 0  # broadcasts up to this round were dropped: older clients get the full state
     totals: dict[str, float] = field(default_factory=dict)
+    server_memory: State = field(default_factory=dict)  # Algorithm.server_step's memory
+    client_memory: dict[int, State] = field(default_factory=dict)  # Algorithm.client_step's, per client
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +149,8 @@ class SimState:
             "history": [(r, torch.frombuffer(bytearray(b), dtype=torch.uint8), q) for r, b, q in self.history],
             "pruned": self.pruned,
             "totals": self.totals,
+            "server_memory": self.server_memory,
+            "client_memory": self.client_memory,
         }
 
     @classmethod
@@ -159,6 +164,8 @@ class SimState:
             history=[(int(r), t.numpy().tobytes(), float(q)) for r, t, q in d["history"]],
             pruned=int(d["pruned"]),
             totals={k: float(v) for k, v in d["totals"].items()},
+            server_memory=dict(d.get("server_memory", {})),
+            client_memory={int(k): dict(v) for k, v in d.get("client_memory", {}).items()},
         )
 
 
@@ -266,7 +273,8 @@ class Simulation:
         start.update(st.local.get(client, {}))
         return start
 
-    def _train_client(self, client: int, round: int, start: State) -> tuple[Payload, State, dict]:
+    def _train_client(self, client: int, round: int, start: State, memory: State) -> tuple[Payload, State, dict, State]:
+        """Train `client` from `start`; (upload, trained state, stats, the client's new memory)."""
         task, alg = self.task, self.alg
         task.load(start)
         t0 = time.perf_counter()
@@ -277,9 +285,10 @@ class Simulation:
             seed=derive_seed(self.seed, "train", round, client),
         )
         trained = task.state()
-        payload = alg.client_payload(start, trained, ClientInfo(round, client, self.seed))
+        payload, memory = alg.client_step(start, trained, ClientInfo(round, client, self.seed), memory)
         stats["train_seconds"] = time.perf_counter() - t0
-        return payload, trained, stats
+        stats.update(payload.stats)
+        return payload, trained, stats, memory
 
     def evaluate(self) -> dict[str, float]:
         task, st = self.task, self.state
@@ -316,7 +325,7 @@ class Simulation:
             rec["upload_bytes"], rec["upload_bound_bytes"] = 0, 0.0
             start = self._client_start(i)
             try:
-                payload, trained, stats = self._train_client(i, t, start)
+                payload, trained, stats, memory = self._train_client(i, t, start, st.client_memory.get(i, {}))
                 t0 = time.perf_counter()
                 enc = encode(payload, cfg.upload_positions, cfg.upload_dtype)
                 stats["encode_seconds"] = time.perf_counter() - t0
@@ -326,6 +335,9 @@ class Simulation:
                 continue
             rec.update(train_loss=stats["loss"], train_seconds=stats["train_seconds"],
                        encode_seconds=stats["encode_seconds"], num_samples=self.task.num_samples(i))  # fmt: skip
+            rec.update(client_diagnostics(stats))
+            if memory:
+                st.client_memory[i] = memory
             if self.local_keys:
                 st.local[i] = {k: trained[k] for k in self.local_keys}
             data = self.channel.upload(t, i, enc.data)
@@ -338,9 +350,9 @@ class Simulation:
             weights.append(self.task.num_samples(i))
             accepted.append(i)
 
-        broadcast_bytes = 0
+        broadcast_bytes, diagnostics = 0, {}
         if uploads:
-            enc, decoded, seconds = self._aggregate(t, uploads, weights)
+            enc, decoded, seconds, diagnostics = self._aggregate(t, uploads, weights)
             server_s += seconds
             broadcast_bytes = len(enc.data)
             for rec in records:
@@ -353,7 +365,7 @@ class Simulation:
         else:
             log.warning("round %d: no upload accepted; the global state is unchanged", t)
         self._prune_history()
-        return self._finish_round(t, clients, records, accepted, broadcast_bytes, server_s, wall0)
+        return self._finish_round(t, clients, records, accepted, broadcast_bytes, server_s, wall0, diagnostics)
 
     def _accept_upload(self, t: int, rec: dict[str, Any], data: bytes) -> tuple[Payload | None, float]:
         """Decode one client's upload bytes against the expected shapes; (None, seconds) and a
@@ -369,21 +381,22 @@ class Simulation:
             got = None
         return got, time.perf_counter() - t0
 
-    def _aggregate(self, t: int, uploads: list[Payload], weights: list[int]) -> tuple[Encoded, Payload, float]:
+    def _aggregate(self, t: int, uploads: list[Payload], weights: list[int]) -> tuple[Encoded, Payload, float, dict]:
         """Build, encode and decode round t's broadcast, and apply the decoded payload (what
-        every client applies too) to the global state; returns (encoded, decoded, seconds)."""
+        every client applies too) to the global state; returns (encoded, decoded, seconds,
+        the server's diagnostics)."""
         st, cfg, alg = self.state, self.cfg, self.alg
         t0 = time.perf_counter()
-        bc = alg.server_broadcast(st.global_state, uploads, weights, RoundInfo(t, self.seed))
+        bc, st.server_memory = alg.server_step(st.global_state, uploads, weights, RoundInfo(t, self.seed), st.server_memory)
         enc = encode(bc, cfg.download_positions, cfg.download_dtype)
         shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
         decoded = decode_payload(enc.data, shapes)  # decoded once; everyone applies this
         st.global_state = alg.apply_broadcast(st.global_state, decoded)
         st.history.append((t, enc.data, enc.bound_bytes))
-        return enc, decoded, time.perf_counter() - t0
+        return enc, decoded, time.perf_counter() - t0, {**bc.stats, **factor_norms(st.global_state)}
 
     def _finish_round(
-        self, t, clients, records, accepted, broadcast_bytes, server_s, wall0, **extra: Any
+        self, t, clients, records, accepted, broadcast_bytes, server_s, wall0, diagnostics, **extra: Any
     ) -> dict[str, Any]:
         """The round's ledger record (evaluating when due); updates the running totals."""
         st, cfg = self.state, self.cfg
@@ -401,6 +414,11 @@ class Simulation:
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in records),
             **extra,
         }
+        kept = [r["upload_kept_energy"] for r in records if "upload_kept_energy" in r]
+        if kept:
+            diagnostics = {**diagnostics, "upload_kept_energy": sum(kept) / len(kept)}
+        if diagnostics:
+            out["diagnostics"] = diagnostics
         if t % cfg.eval_every == 0 or t == cfg.rounds:
             t0 = time.perf_counter()
             out["eval"] = self.evaluate()
@@ -448,6 +466,24 @@ class Simulation:
         finally:
             torch.set_num_threads(before)
         return out
+
+
+CLIENT_DIAGNOSTICS = ("upload_kept_energy",)
+
+
+def client_diagnostics(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The diagnostics a client's upload reported (Payload.stats), for its round record."""
+    return {k: float(stats[k]) for k in CLIENT_DIAGNOSTICS if k in stats}
+
+
+def factor_norms(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Max over LoRA modules of ||B|| and ||A|| after the round (empty for non-LoRA states)."""
+    pairs = lora_pairs(state)
+    if not pairs:
+        return {}
+    b = max(float(torch.linalg.matrix_norm(state[bk].double())) for bk, _ in pairs.values())
+    a = max(float(torch.linalg.matrix_norm(state[ak].double())) for _, ak in pairs.values())
+    return {"B_norm_after_max": b, "A_norm_after_max": a}
 
 
 def round_half_up(x: float) -> int:
