@@ -189,7 +189,13 @@ def test_fed_dare_uploads_seeded_random_masks():
     start = make_state(0)
     trained = train(start, 1)
     up = alg.client_payload(start, trained, ClientInfo(round=3, client_id=2, seed=9))
+    factors = {k for pair in lora_pairs(start).values() for k in pair}
+    assert factors and set(up.tensors) - factors  # the state has a head next to the factors
     for k, t in up.tensors.items():
+        if k not in factors:  # a head travels dense, as with importance masks
+            assert k not in up.seeds
+            torch.testing.assert_close(t, trained[k] - start[k])
+            continue
         seed, keep = up.seeds[k]
         assert keep == pytest.approx(0.1) and seed == derive_seed(9, "upload", 3, 2, k)
         torch.testing.assert_close(t, dare(trained[k] - start[k], 0.9, seed))

@@ -38,9 +38,11 @@ def test_every_preset_loads():
 def test_default_preset_is_fedsrd_against_fedavg_on_news_topics():
     cfg, _ = load_run_config(None)
     assert cfg.task_name == "news-topics"
-    assert set(cfg.algorithms) == {"fedsrd", "fedsrd-rebalance", "fedavg"}
-    assert cfg.make_algorithm("fedsrd-rebalance").config.rebalance is True
-    assert cfg.make_algorithm("fedsrd").config.rebalance is False  # the paper's method
+    assert list(cfg.algorithms) == ["fedsrd", "fedsrd-plus", "fedavg"]
+    plus, paper = cfg.make_algorithm("fedsrd-plus").config, cfg.make_algorithm("fedsrd").config
+    assert plus.rebalance and plus.solve == "tikhonov" and plus.upload_mask == "importance-sampled"
+    assert not paper.rebalance and paper.solve == "pinv" and paper.upload_mask == "importance"  # the paper's method
+    assert (plus.upload_sparsity, plus.download_drop) == (paper.upload_sparsity, paper.download_drop)  # same budget
 
 
 def test_fedsrd_tables_preset_removes_one_component_per_ablation_row():
@@ -202,7 +204,7 @@ def test_default_preset_runs_end_to_end_shortened(tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out
     assert "news-topics-fedsrd-vs-fedavg" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["algorithm"] for s in summary["runs"]] == ["fedsrd", "fedsrd-rebalance", "fedavg"]
+    assert [s["algorithm"] for s in summary["runs"]] == ["fedsrd", "fedsrd-plus", "fedavg"]
     assert all(0 <= s["accuracy"] <= 1 for s in summary["runs"])
 
 

@@ -198,7 +198,7 @@ def test_rounds_record_fedsrd_diagnostics():
 def test_memories_are_checkpointed_and_resume_is_bit_identical(tmp_path):
     raw = {"name": "ef", "algorithms": ["fedsrd-ef"], "task": {"name": "digits", "num_clients": 6},
            "sim": {"rounds": 6, "fraction": 0.5, "eval_every": 2},
-           "algorithm": {"fedsrd-ef": {"base": "fedsrd-plus", "download_feedback": True}}}  # fmt: skip
+           "algorithm": {"fedsrd-ef": {"base": "fedsrd-plus", "download_feedback": True, "upload_feedback": True}}}  # fmt: skip
     cfg = parse_run_config(raw)
 
     class Interrupt(Channel):

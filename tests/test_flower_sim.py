@@ -22,7 +22,8 @@ BYTES = ("upload_bytes", "download_bytes", "upload_bound_bytes", "download_bound
 
 # fedsrd-plus: rebalancing (full-state catch-ups at rounds 8 and 9 must not rebalance again) and
 # client error feedback (its remainder lives in the SuperNode's context) on one client a round
-PLUS_SET = ["task.num_clients=4", "sim.rounds=10", "sim.fraction=0.25", "sim.eval_every=5"]
+PLUS_SET = ["task.num_clients=4", "sim.rounds=10", "sim.fraction=0.25", "sim.eval_every=5",
+            "algorithm.fedsrd-plus.upload_feedback=true"]
 
 
 @pytest.mark.parametrize("algorithm,overrides,catchup", [("fedsrd", SET, "deltas"), ("fedsrd-plus", PLUS_SET, "state")])

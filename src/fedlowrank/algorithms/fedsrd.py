@@ -16,11 +16,19 @@ Server, per LoRA module, round t (Section 4.2-4.3, Alg. 1):
      comes from a seed carried in the broadcast
   5. server and clients add the same sparse delta.
 
+Options beyond the paper (all off in `fedsrd` / `fedsrd-e`; docs/algorithms.md measures them):
+damped solves (`solve_inverse`: truncated or Tikhonov pseudo-inverse in step 3), unscaled
+download masks, server-side error feedback of what the broadcast did not realise (kept as a
+rank-2r product in the server's memory), client error feedback and unbiased importance-sampled
+uploads (`upload.py`), factor rebalancing, float64 server steps. `fedsrd-plus` combines a damped
+solve, rebalancing and sampled uploads.
+
 `decompose(..., method="factored")` never builds a d_out x d_in matrix: W has rank at most m r,
 W = X diag(p) Z with X = [B_1..B_m] (d_out x q) and Z = [A_1; ..; A_m] (q x d_in), q = m r.
 Householder QR of X and Z^T (Q kept implicit as reflectors) turns the SVD into one of a q x q
-core, and the solves use T pinv(A) = SVD_r(W) pinv(A) - B (A pinv(A)) (and the mirror for even
-rounds), so nothing larger than d x q is built: O((d_out + d_in) q^2) in all. Householder QR stays
+core; the target is kept as a product T = L @ R = [Q_L U_r S_r, B] @ [V_r^T Q_R^T; -A] (`target`)
+and the solves are L (R pinv(A)) and (pinv(B) L) R (`solve_factor`), so nothing larger than
+d x q is built: O((d_out + d_in) q^2) in all. Householder QR stays
 backward stable when clients' factors nearly agree (X nearly rank-deficient), where Gram or
 Cholesky routes square the condition number. FedSRD-e needs no QR: T = sum_i p_i dB_i A_i +
 B (sum_i p_i A_i - A) is already a product of a d_out x q and a q x d_in factor, computed
@@ -396,15 +404,15 @@ class FedSRDe(FedSRD):
 
 # The combination benchmarks/fedsrd_stability.py measured best (docs/algorithms.md, "fedsrd-plus").
 PLUS_DEFAULTS: dict = {
-    "download_rescale": False,
+    "solve": "tikhonov",
     "rebalance": True,
-    "upload_feedback": True,
+    "upload_mask": "importance-sampled",
 }
 
 
 class FedSRDPlus(FedSRD):
-    """fedsrd-plus: FedSRD's sparsify / reconstruct / decompose and byte budget, with unscaled
-    download masks, factor rebalancing and client error feedback (PLUS_DEFAULTS). Not the paper's
+    """fedsrd-plus: FedSRD's sparsify / reconstruct / decompose and byte budget, with a damped
+    (Tikhonov) solve, factor rebalancing and unbiased importance-sampled uploads (PLUS_DEFAULTS). Not the paper's
     method: `fedsrd` is. docs/algorithms.md says what differs and what it measured."""
 
     name = "fedsrd-plus"
