@@ -26,7 +26,7 @@ from fedlowrank.lora import lora_pairs
 
 MODULES = {"layers.0.self_attn.q_proj": (1024, 1024), "layers.0.mlp.up_proj": (2816, 1024)}
 RANK, CLIENTS = 16, 4
-ALGORITHMS = ["fedavg", "fedprox", "ffa-lora", "flexlora", "fed-dare", "fedavg-magnitude", "fedavg-importance", "fedsrd-e", "fedsrd"]
+ALGORITHMS = ["fedavg", "fedprox", "ffa-lora", "flexlora", "fed-dare", "fedavg-magnitude", "fedavg-importance", "fedsrd-e", "fedsrd", "fedsrd-plus"]
 
 
 def _global_state(seed: int) -> dict[str, torch.Tensor]:
