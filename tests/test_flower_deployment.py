@@ -13,6 +13,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SET = "task.num_clients=2;sim.rounds=2;sim.fraction=1.0;sim.eval_every=1"

@@ -26,6 +26,7 @@ PLUS_SET = ["task.num_clients=4", "sim.rounds=10", "sim.fraction=0.25", "sim.eva
             "algorithm.fedsrd-plus.upload_feedback=true"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,overrides,catchup", [("fedsrd", SET, "deltas"), ("fedsrd-plus", PLUS_SET, "state")])
 def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path, algorithm, overrides, catchup):
     from flwr.simulation import run_simulation

@@ -183,6 +183,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.mark.slow
 def test_smollm2_loads_from_the_package_and_its_cache_matches_the_gguf(offline, tmp_path):
     from fedlowrank.models import cached_dir, load_smollm2
 
@@ -202,6 +203,7 @@ def test_smollm2_loads_from_the_package_and_its_cache_matches_the_gguf(offline, 
         assert torch.equal(again(ids).logits[0, -1], logits)
 
 
+@pytest.mark.slow
 def test_smollm2_two_fedsrd_rounds_lower_the_loss_on_every_client_domain(offline):
     """The issue's acceptance test: the real model, offline, two FedSRD rounds, small data."""
     cfg = LMDomainsConfig(train_examples=8, eval_examples=4, seq_len=128, batch_size=4, local_steps=2,
