@@ -36,6 +36,7 @@ __all__ = [
     "l1_rescale",
     "sampling_probabilities",
     "importance_sample",
+    "kept_energy",
 ]
 
 
@@ -196,3 +197,10 @@ def importance_sample(delta: torch.Tensor, scores: torch.Tensor, k: int, seed: i
     keep = u < p
     scale = torch.where(keep, 1.0 / p.clamp_min(1e-300), torch.zeros_like(p))
     return (delta.to(torch.float64) * scale).to(delta.dtype)
+
+
+def kept_energy(dense: torch.Tensor, sent: torch.Tensor) -> tuple[float, float]:
+    """(squared norm of `dense` at the positions `sent` kept, i.e. where it is non-zero, squared
+    norm of `dense`), in float64: a mask's kept energy before any rescaling of its survivors."""
+    d2 = dense.detach().to(torch.float64) ** 2
+    return float(d2[sent != 0].sum()), float(d2.sum())

@@ -59,7 +59,7 @@ from fedlowrank.algorithms.upload import SparseUploadClient, UploadConfig
 from fedlowrank.config import choice
 from fedlowrank.lora import balance_factors, lora_pairs, truncated_svd_of_sum
 from fedlowrank.payload import Payload
-from fedlowrank.sparsify import dare
+from fedlowrank.sparsify import dare, kept_energy
 
 __all__ = ["FedSRD", "FedSRDConfig", "FedSRDe", "FedSRDPlus", "FedSRDePlus", "PLUS_DEFAULTS", "decompose", "solve_factor", "solve_inverse", "target"]
 
@@ -337,7 +337,7 @@ class FedSRD(SparseUploadClient, Algorithm):
                 res_L = torch.cat([L, -d], dim=1) if odd else torch.cat([L, -B], dim=1)
                 res_R = torch.cat([R, A], dim=0) if odd else torch.cat([R, d], dim=0)
                 if diag is not None:
-                    diag.add(B, A, odd, solved.to(work), d, _norm2(L, R), _norm2(res_L, res_R), cfg.download_drop > 0.0)
+                    diag.add(B, A, odd, solved, d, _norm2(L, R), _norm2(res_L, res_R))
                 if cfg.download_feedback:
                     keep_L, keep_R = truncated_svd_of_sum([res_L], [res_R], [1.0], 2 * B.shape[1])
                     new_memory[fb_L], new_memory[fb_R] = keep_L.to(B0.dtype).contiguous(), keep_R.to(A0.dtype).contiguous()
@@ -367,9 +367,8 @@ class _Diagnostics:
     def __init__(self) -> None:
         self.b_norm = self.a_norm = self.cond = self.step = 0.0
         self.solved2 = self.kept2 = self.target2 = self.residual2 = 0.0
-        self.masked = False
 
-    def add(self, B, A, odd, solved, sent, target2, residual2, masked) -> None:
+    def add(self, B, A, odd, solved, sent, target2, residual2) -> None:
         nb, na = float(torch.linalg.matrix_norm(B)), float(torch.linalg.matrix_norm(A))
         self.b_norm, self.a_norm = max(self.b_norm, nb), max(self.a_norm, na)
         s = torch.linalg.svdvals(A if odd else B)
@@ -378,11 +377,11 @@ class _Diagnostics:
         factor = na if odd else nb
         if factor > 0:
             self.step = max(self.step, float(torch.linalg.matrix_norm(sent)) / factor)
-        self.solved2 += float((solved * solved).sum())
-        self.kept2 += float((solved * solved)[sent != 0].sum())
+        kept2, solved2 = kept_energy(solved, sent)
+        self.kept2 += kept2
+        self.solved2 += solved2
         self.target2 += target2
         self.residual2 += max(residual2, 0.0)
-        self.masked = self.masked or masked
 
     def summary(self) -> dict[str, float]:
         return {

@@ -45,6 +45,7 @@ from fedlowrank.sparsify import (
     importance_sample,
     importance_scores,
     keep_count,
+    kept_energy,
     l1_rescale,
     topk_mask,
 )
@@ -127,12 +128,9 @@ def _masked(deltas: dict[str, torch.Tensor], start, trained, keys: list[str], cf
 
 def _kept_energy(deltas: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:
     """Fraction of the deltas' squared norm at the positions the mask kept (before rescaling)."""
-    total = kept = 0.0
-    for k, d in deltas.items():
-        d64 = d.detach().to(torch.float64)
-        total += float((d64 * d64).sum())
-        kept += float((d64 * d64)[sent[k] != 0].sum())
-    return kept / total if total > 0 else 1.0
+    parts = [kept_energy(d, sent[k]) for k, d in deltas.items()]
+    total = sum(t for _, t in parts)
+    return sum(k for k, _ in parts) / total if total > 0 else 1.0
 
 
 def sparse_upload(

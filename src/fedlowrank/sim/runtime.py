@@ -338,6 +338,8 @@ class Simulation:
             rec.update(client_diagnostics(stats))
             if memory:
                 st.client_memory[i] = memory
+            else:  # an algorithm that keeps nothing (or no longer anything) for this client
+                st.client_memory.pop(i, None)
             if self.local_keys:
                 st.local[i] = {k: trained[k] for k in self.local_keys}
             data = self.channel.upload(t, i, enc.data)
