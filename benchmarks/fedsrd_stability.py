@@ -14,6 +14,8 @@ read back, a killed one continues from its checkpoint), then a table per task:
 Tasks (the issue's grid; `--tasks` picks a subset):
 
     digits       digits-all settings, 50 rounds, seeds 0-4 (+ 200 rounds of FedSRD and fedsrd-plus)
+    digits-budget  the same, seeds 0-2: fedsrd-plus with its upload and / or download made dense,
+                 FedAvg with FedSRD's top-k upload (where digits' gap comes from)
     news-topics  news-topics-all settings, 20 rounds, seeds 0-2
     lm-tiny      lm-domains tables preset with model = "tiny", 6 rounds, seeds 0-2
     lm-smollm2   lm-domains tables preset (SmolLM2-135M), 12 rounds, seeds 0-1
@@ -64,6 +66,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "+unscaled-download": ("fedsrd", {"download_rescale": False}),
     "+sampled-upload": ("fedsrd", {"upload_mask": "importance-sampled"}),
 }
+# digits-budget: where digits' gap comes from (fedsrd-plus with one transfer made dense at a time)
+BUDGET_METHODS = {
+    "fedavg-importance": ("fedavg-importance", {}),
+    "plus-dense-transfers": ("fedsrd-plus", {"upload_mask": "none", "download_drop": 0.0}),
+    "plus-dense-upload": ("fedsrd-plus", {"upload_mask": "none"}),
+    "plus-dense-download": ("fedsrd-plus", {"download_drop": 0.0}),
+    "plus-topk-feedback-dense-download": ("fedsrd-plus", {"upload_mask": "importance", "upload_feedback": True,
+                                                          "download_drop": 0.0}),
+    "srd-dense-transfers": ("fedsrd", {"upload_mask": "none", "download_drop": 0.0}),
+}  # fmt: skip
+STABILITY_METHODS = list(METHODS)  # every task's methods unless it names its own
+METHODS.update(BUDGET_METHODS)
 PAPER_METHODS = ["fedavg", "fedsrd", "fedsrd-e", "fedsrd-plus", "fedsrd-e-plus"]
 
 # task -> (preset, overrides of the raw config, seeds, metric, higher is better)
@@ -74,6 +88,9 @@ TASKS: dict[str, dict[str, Any]] = {
                     "seeds": [0, 1, 2], "metric": "accuracy", "higher": True},
     "lm-tiny": {"preset": "lm-domains-fedsrd-tables", "set": {"task": {"model": "tiny"}, "sim": {"rounds": 6, "eval_every": 2}},
                 "seeds": [0, 1, 2], "metric": "in_domain_ppl", "higher": False},
+    "digits-budget": {"preset": "digits-all", "set": {"sim": {"rounds": 50, "eval_every": 5}},
+                      "seeds": [0, 1, 2], "metric": "accuracy", "higher": True,
+                      "methods": ["fedavg", "fedsrd-plus", *BUDGET_METHODS]},
     "lm-smollm2": {"preset": "lm-domains-fedsrd-tables", "set": {"sim": {"rounds": 12, "eval_every": 2}},
                    "seeds": [0, 1], "metric": "in_domain_ppl", "higher": False, "methods": PAPER_METHODS},
     "lm-paper": {"preset": "lm-domains-fedsrd-tables",
@@ -122,7 +139,7 @@ def run_one(task: str, method: str, seed: int, rounds: int | None = None) -> Non
 
 
 def methods_of(task: str) -> list[str]:
-    return TASKS[task].get("methods", list(METHODS))
+    return TASKS[task].get("methods", STABILITY_METHODS)
 
 
 # --------------------------------------------------------------------------------------------

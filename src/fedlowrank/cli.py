@@ -4,6 +4,8 @@
     fedlowrank run --resume DIR
     fedlowrank list
     fedlowrank report DIR [DIR ...] [--out DIR] [--markdown]
+    fedlowrank export RUN_DIR --out DIR [--merged] [--round N] [--algorithm NAME]
+    fedlowrank generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--round N] [--algorithm NAME]
     fedlowrank demo
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlowrank.config import ConfigError
+from fedlowrank.errors import TrainingFailed
 
 __all__ = ["main", "build_parser"]
 
@@ -45,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dirs", nargs="+", type=Path, help="run directories (a comparison run counts as its runs)")
     rep.add_argument("--out", type=Path, help="write summary.md, summary.json and curves.png here")
     rep.add_argument("--markdown", action="store_true", help="print the table as markdown")
+
+    exp = sub.add_parser("export", help="write a run's PEFT adapter (or the merged model) to a folder")
+    exp.add_argument("run", type=Path, help="run directory (finished or not)")
+    exp.add_argument("--out", type=Path, required=True, help="folder to write (replaced if it exists)")
+    exp.add_argument("--merged", action="store_true", help="write base + adapter merged into one model folder")
+    exp.add_argument("--round", type=int, help="an evaluated round (default: the latest complete round)")
+    exp.add_argument("--algorithm", help="which algorithm's run, when RUN_DIR compares several")
+
+    gen = sub.add_parser("generate", help="print the fine-tuned model's completion of a prompt")
+    gen.add_argument("run", type=Path, help="run directory of a causal-LM task")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--round", type=int, help="an evaluated round (default: the latest complete round)")
+    gen.add_argument("--algorithm", help="which algorithm's run, when RUN_DIR compares several")
 
     sub.add_parser("demo", help="a short walk through the library")
     return p
@@ -239,6 +256,29 @@ def _cmd_report(args, console) -> int:
     return 0
 
 
+def _cmd_export(args, console) -> int:
+    from fedlowrank.sim.export import export_run
+
+    got = export_run(args.run, args.out, merged=args.merged, round=args.round, algorithm=args.algorithm)
+    what = "merged model" if got["merged"] else "adapter"
+    clients = f" (and {got['clients']} clients' own under clients/)" if got["clients"] else ""
+    console.print(f"wrote the {what} of {got['algorithm']} at round {got['round']} to {got['out']}{clients}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from fedlowrank.sim.export import load_run_state
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    rs = load_run_state(args.run, args.round, args.algorithm)
+    task = rs.build_task()
+    if not callable(getattr(task, "generate", None)):
+        raise ConfigError(f"{rs.rd.path}: task {rs.cfg.task_name!r} does not generate text (not a causal LM)")
+    print(task.generate(rs.global_state, args.prompt, args.max_new_tokens))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -252,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_list(console)
         if args.command == "report":
             return _cmd_report(args, console)
+        if args.command == "export":
+            return _cmd_export(args, console)
+        if args.command == "generate":
+            return _cmd_generate(args)
         if args.command == "demo":
             from fedlowrank.demo import main as demo_main
 
@@ -262,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError) as e:
         print(f"fedlowrank: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        print(f"fedlowrank: run failed: {e}", file=sys.stderr)
+        return 1
     return 1
 
 

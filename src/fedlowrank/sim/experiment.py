@@ -6,6 +6,8 @@ Layout of `out/`:
     <algorithm>/             one per algorithm (just `out/` itself when only one is listed)
         metrics.jsonl        one JSON object per round
         checkpoint.pt        the state after the last complete round (atomic)
+        adapter/             the final global PEFT adapter (tasks with one; sim/export.py)
+        states/              the state of every evaluated round (tasks with an adapter)
         events.log           clients left out and why
         summary.json, summary.md, curves.png
     summary.json, summary.md, curves.png   the comparison (when several algorithms ran)
@@ -23,13 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedlowrank.errors import TrainingFailed
 from fedlowrank.runconfig import RunConfig, dump_toml, parse_run_config
+from fedlowrank.sim.export import ADAPTER_DIR, has_adapter, save_snapshot, write_adapters
 from fedlowrank.sim.report import markdown_table, plot_curves, summarize
 from fedlowrank.sim.rundir import RunDir, atomic_write
 from fedlowrank.sim.runtime import Channel, SimState, Simulation
 from fedlowrank.tasks import make_task
 
-__all__ = ["run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
+__all__ = ["TrainingFailed", "run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
 
 log = logging.getLogger("fedlowrank.sim")
 
@@ -89,7 +93,11 @@ def _run_one(
         raise FileExistsError(f"{rd.path} already holds a run; pass --resume to continue it")
     rd.create()
 
+    adapters = has_adapter(task)
+
     def on_round(record: dict[str, Any], state: SimState) -> None:
+        if adapters and "eval" in record:
+            save_snapshot(rd, state.round, state.global_state, state.local)
         rd.append_metrics(record)
         rd.save_checkpoint(state, meta)
         if progress is not None:
@@ -105,6 +113,13 @@ def _run_one(
     finally:
         log.removeHandler(handler)
         handler.close()
+    records = rd.read_metrics()
+    if records and not any(r["accepted"] for r in records):
+        reasons = sorted({d["reason"] for r in records for d in r["dropped"]})
+        raise TrainingFailed(f"{algorithm}: no client update was accepted in any of {len(records)} rounds, so "
+                             f"nothing trained; reasons: {reasons[:3]} (all in {rd.events})")  # fmt: skip
+    if adapters:
+        write_adapters(task, sim.state.global_state, sim.state.local, rd.path / ADAPTER_DIR)
     summary = write_run_summary(rd, cfg, algorithm)
     if progress is not None:
         progress.finish(algorithm, summary)
@@ -123,13 +138,13 @@ def run_experiment(
     out = Path(out)
     if not resume and (out / "config.toml").exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it")
+    t0 = time.perf_counter()
+    task = make_task(cfg.task_name, cfg.task, cfg.seed).build()  # bad data or model: fail before writing
+    if on_task_built is not None:
+        on_task_built(time.perf_counter() - t0)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write(out / "config.toml", dump_toml(cfg.to_mapping()))
-    t0 = time.perf_counter()
-    task = make_task(cfg.task_name, cfg.task, cfg.seed).build()
-    if on_task_built is not None:
-        on_task_built(time.perf_counter() - t0)
     many = len(cfg.algorithms) > 1
     summaries, series = [], []
     for algorithm in cfg.algorithms:

@@ -37,7 +37,7 @@ import torch
 
 from fedlowrank.algorithms.base import Algorithm, ClientInfo, RoundInfo, derive_seed, state_payload
 from fedlowrank.codec import VALUE_DTYPES, PayloadError, decode_payload, encode_payload, encode_payload_with_stats
-from fedlowrank.config import choice, require
+from fedlowrank.config import ConfigError, choice, require
 from fedlowrank.lora import lora_pairs
 from fedlowrank.payload import Payload
 from fedlowrank.tasks.base import Task
@@ -206,6 +206,11 @@ class Simulation:
         unknown = sorted(set(self.sent + self.local_keys + self.trainable) - set(keys))
         if unknown:
             raise ValueError(f"algorithm {self.alg.name!r} names keys the task does not have: {unknown[:5]}")
+        if any("lora_A" in k for k in keys):
+            try:
+                lora_pairs(init)
+            except ValueError as e:  # e.g. LoRA on a convolution: every client would fail every round
+                raise ConfigError(f"task {self.task.name!r}: {e}; LoRA algorithms need linear layers") from None
         self.upload_shapes = self.alg.upload_shapes(init)
         self.sent_shapes = {k: tuple(init[k].shape) for k in self.sent}
         self._initial_sent = {k: init[k].clone() for k in self.sent}

@@ -30,6 +30,14 @@ TASKS: dict[str, tuple[str, str]] = {
         "fedlowrank.tasks.lm_domains:LMDomainsTask",
         "SmolLM2-135M + PEFT LoRA, one client per text domain (code, math, business, literature)",
     ),
+    "causal-lm": (
+        "fedlowrank.tasks.causal_lm:CausalLMTask",
+        "your causal LM (a Hugging Face folder) on your JSONL / CSV / parquet files + PEFT LoRA (docs/byo.md)",
+    ),
+    "text-classification": (
+        "fedlowrank.tasks.text_classification:TextClassificationTask",
+        "your encoder (a Hugging Face folder, or MiniLM) on your text + label files + PEFT LoRA (docs/byo.md)",
+    ),
     "shakespeare": (
         "fedlowrank.tasks.shakespeare:ShakespeareTask",
         "Shakespeare next-character prediction, one client per speaking role (LEAF), LSTM / FedPara LSTM",
