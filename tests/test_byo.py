@@ -163,10 +163,44 @@ def test_text_classification_end_to_end_and_the_adapter_reproduces_the_run(root,
         loss_sum, n = 0.0, 0
         with torch.no_grad():
             for x, y in built.evaluate_batches(None):
-                logits = model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+                logits = model(input_ids=built.ids[x], attention_mask=built.mask[x]).logits
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 n += y.numel()
         assert loss_sum / n == pytest.approx(final_eval(out / alg)["loss"], abs=1e-5)
+
+
+def test_mean_pooling_in_the_top_layers_exports_adapter_and_head(root, tmp_path, monkeypatch):
+    """news-topics' model on your data: LoRA in the top layer only, mean pooling, the frozen
+    prefix cached; the exported adapter + classifier.safetensors reproduce the final loss."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    monkeypatch.setenv("FEDLOWRANK_CACHE", str(tmp_path / "cache"))
+    task = {"name": "text-classification", "model": str(root / "bert"), "data": str(root / "cls.jsonl"),
+            "client_column": "client", "lora_rank": 4, "max_length": 16, "pooling": "mean", "lora_layers": 1,
+            "target_modules": ["query", "value"]}  # fmt: skip
+    cfg = write_config(tmp_path / "my.toml", task, algorithms=["fedsrd"])
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert list((tmp_path / "cache").glob("text-classification-*.pt"))  # the frozen prefix, cached
+    built = make_task("text-classification", parse_run_config(__import__("tomllib").loads(cfg.read_text())).task, 0).build()
+    assert {k for k in built.initial_state() if "lora_A" in k} == {"encoder.layer.1.attention.self.query.lora_A",
+                                                                  "encoder.layer.1.attention.self.value.lora_A"}
+    encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(root / "bert"), out / "adapter").eval()
+    head = load_file(str(out / "adapter" / "classifier.safetensors"))
+    loss_sum, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in built.evaluate_batches(None):
+            enc = built.tokenizer([built.texts[int(i)] for i in x], max_length=16, truncation=True,
+                                  padding="max_length", return_tensors="pt")  # fmt: skip
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            w = mask.unsqueeze(-1).float()
+            logits = ((h * w).sum(1) / w.sum(1)) @ head["weight"].T + head["bias"]
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += y.numel()
+    assert loss_sum / n == pytest.approx(final_eval(out)["loss"], abs=1e-5)
 
 
 def test_text_classification_dirichlet_partition_over_the_label(root):
@@ -174,7 +208,7 @@ def test_text_classification_dirichlet_partition_over_the_label(root):
                                              "partition": "dirichlet", "num_clients": 4, "alpha": 0.3,
                                              "max_length": 16}, 0).build()  # fmt: skip
     assert task.num_clients == 4
-    assert sum(task.num_samples(i) for i in range(4)) + task.test[2].numel() == 60
+    assert sum(task.num_samples(i) for i in range(4)) + task.test_idx.size == 60
 
 
 # --- bad input: each a clear error before training ----------------------------------------------

@@ -109,8 +109,10 @@ def _module_names(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def apply_lora(base: nn.Module, cfg: LoRAConfig, task_type: str | None = None, base_name: str = ""):
-    """`base` wrapped by PEFT LoRA as `cfg` says; checked as the module docstring says."""
+def apply_lora(base: nn.Module, cfg: LoRAConfig, task_type: str | None = None, base_name: str = "",
+               layers_to_transform: list[int] | None = None):  # fmt: skip
+    """`base` wrapped by PEFT LoRA as `cfg` says (in `layers_to_transform` only, if given);
+    checked as the module docstring says."""
     from peft import LoraConfig, get_peft_model
 
     target = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
@@ -122,6 +124,7 @@ def apply_lora(base: nn.Module, cfg: LoRAConfig, task_type: str | None = None, b
         use_rslora=cfg.use_rslora,
         bias="none",
         task_type=task_type,
+        layers_to_transform=layers_to_transform,
     )
     with warnings.catch_warnings():  # transformers 5 deprecates an attribute PEFT reads
         warnings.simplefilter("ignore", FutureWarning)
