@@ -79,3 +79,34 @@ def test_run_config_keys_are_checked():
         FlowerRunOptions.from_run_config({"num-rounds": 3})
     with pytest.raises(ConfigError, match="round-timeout must be float"):
         FlowerRunOptions.from_run_config({"round-timeout": "soon"})
+
+
+@pytest.mark.slow
+def test_causal_lm_on_flower_writes_the_same_adapter_as_the_in_process_runtime(tmp_path):
+    """Your data on Flower: the run directory gets the same adapter/ and states/ as in-process."""
+    from flwr.simulation import run_simulation
+    from safetensors.torch import load_file
+
+    from byo_models import lm_rows, write_rows
+    from fedlowrank.flower.client_app import app as client_app
+    from fedlowrank.flower.server_app import make_server_app
+
+    data = write_rows(lm_rows(24, 3), tmp_path / "rows.jsonl")
+    config = tmp_path / "my.toml"
+    config.write_text(f'name = "byo"\nalgorithms = ["fedsrd-plus"]\n[task]\nname = "causal-lm"\nmodel = "tiny"\n'
+                      f'data = "{data}"\nclient_column = "client"\nlora_rank = 2\nlocal_steps = 2\n'
+                      f'[sim]\nrounds = 2\n')  # fmt: skip
+    opts = {"config": str(config), "out-dir": str(tmp_path / "flower"), "round-timeout": 120.0}
+    run_simulation(
+        make_server_app(opts), client_app, num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+    )  # fmt: skip
+    cfg, _ = load_run_config(str(config), [])
+    run_experiment(cfg, tmp_path / "inproc")
+    for run in ("flower", "inproc"):
+        assert sorted(p.name for p in (tmp_path / run / "states").iterdir()) == ["round-00001.pt", "round-00002.pt"]
+    got = load_file(str(tmp_path / "flower" / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "inproc" / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and len(got) > 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)

@@ -114,7 +114,8 @@ def train(msg: Message, context: Context) -> Message:
                 if r > version:
                     sent = _apply(sim, sent, data)
         threads = torch.get_num_threads()
-        torch.set_num_threads(sim.threads)
+        if sim.threads:  # 0: the task leaves torch's default (every task but the tiny ones)
+            torch.set_num_threads(sim.threads)
         try:
             start = {**sim.state.global_state, **sent, **local}
             payload, trained, stats, memory = sim._train_client(client, t, start, memory)

@@ -32,7 +32,7 @@ from fedlowrank.config import ConfigError
 from fedlowrank.flower.common import FlowerRunOptions, pack, unpack
 from fedlowrank.payload import Payload
 from fedlowrank.runconfig import RunConfig, dump_toml, load_run_config
-from fedlowrank.sim.experiment import write_run_summary
+from fedlowrank.sim.experiment import finish_run, record_round
 from fedlowrank.sim.rundir import RunDir, atomic_write
 from fedlowrank.sim.runtime import SimState, Simulation, client_diagnostics
 from fedlowrank.tasks import make_task
@@ -250,9 +250,10 @@ def run_on_grid(grid: Grid, opts: FlowerRunOptions) -> dict[str, Any]:
     atomic_write(rd.config, text)
     meta = {"algorithm": algorithm, "config": text}
 
+    task = make_task(cfg.task_name, cfg.task, cfg.seed)
+
     def on_round(record: dict[str, Any], state: SimState) -> None:
-        rd.append_metrics(record)
-        rd.save_checkpoint(state, meta)
+        record_round(rd, meta, task, record, state)
         acc = f", accuracy {record['eval']['accuracy']:.4f}" if "eval" in record else ""
         logging.getLogger("fedlowrank.flower").info(
             "round %d: %d of %d clients accepted, %d bytes up, %d bytes down%s", record["round"], record["accepted"],
@@ -261,14 +262,13 @@ def run_on_grid(grid: Grid, opts: FlowerRunOptions) -> dict[str, Any]:
     handler = rd.log_handler()
     log.addHandler(handler)
     try:
-        task = make_task(cfg.task_name, cfg.task, cfg.seed)
         sim = FlowerSimulation(task, cfg.make_algorithm(algorithm), cfg.sim, cfg.seed, grid, text, algorithm,
                                opts.round_timeout, opts.nodes_timeout, on_round=on_round)  # fmt: skip
         sim.run()
     finally:
         log.removeHandler(handler)
         handler.close()
-    summary = write_run_summary(rd, cfg, algorithm, runtime_note=" (Flower)")
+    summary = finish_run(rd, cfg, algorithm, task, sim.state, runtime_note=" (Flower)")
     print(f"fedlowrank: run directory {out}", flush=True)
     return summary
 

@@ -33,7 +33,7 @@ from fedlowrank.sim.rundir import RunDir, atomic_write
 from fedlowrank.sim.runtime import Channel, SimState, Simulation
 from fedlowrank.tasks import make_task
 
-__all__ = ["TrainingFailed", "run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
+__all__ = ["TrainingFailed", "record_round", "finish_run", "run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
 
 log = logging.getLogger("fedlowrank.sim")
 
@@ -68,6 +68,28 @@ def write_run_summary(rd: RunDir, cfg: RunConfig, algorithm: str, runtime_note: 
     return summary
 
 
+def record_round(rd: RunDir, meta: dict[str, Any], task, record: dict[str, Any], state: SimState) -> None:
+    """What every runtime writes after a complete round: the state snapshot of an evaluated
+    round (tasks with an adapter), the metrics line, the checkpoint."""
+    if "eval" in record and has_adapter(task):
+        save_snapshot(rd, state.round, state.global_state, state.local)
+    rd.append_metrics(record)
+    rd.save_checkpoint(state, meta)
+
+
+def finish_run(rd: RunDir, cfg: RunConfig, algorithm: str, task, state: SimState, runtime_note: str = "") -> dict[str, Any]:
+    """What every runtime does when a run's last round is done: refuse a run in which nothing
+    trained (TrainingFailed), write the final adapter (tasks with one) and the summaries."""
+    records = rd.read_metrics()
+    if records and not any(r["accepted"] for r in records):
+        reasons = sorted({d["reason"] for r in records for d in r["dropped"]})
+        raise TrainingFailed(f"{algorithm}: no client update was accepted in any of {len(records)} rounds, so "
+                             f"nothing trained; reasons: {reasons[:3]} (all in {rd.events})")  # fmt: skip
+    if has_adapter(task):
+        write_adapters(task, state.global_state, state.local, rd.path / ADAPTER_DIR)
+    return write_run_summary(rd, cfg, algorithm, runtime_note)
+
+
 def _run_one(
     cfg: RunConfig,
     task,
@@ -93,13 +115,8 @@ def _run_one(
         raise FileExistsError(f"{rd.path} already holds a run; pass --resume to continue it")
     rd.create()
 
-    adapters = has_adapter(task)
-
     def on_round(record: dict[str, Any], state: SimState) -> None:
-        if adapters and "eval" in record:
-            save_snapshot(rd, state.round, state.global_state, state.local)
-        rd.append_metrics(record)
-        rd.save_checkpoint(state, meta)
+        record_round(rd, meta, task, record, state)
         if progress is not None:
             progress.advance(algorithm, record)
 
@@ -113,14 +130,7 @@ def _run_one(
     finally:
         log.removeHandler(handler)
         handler.close()
-    records = rd.read_metrics()
-    if records and not any(r["accepted"] for r in records):
-        reasons = sorted({d["reason"] for r in records for d in r["dropped"]})
-        raise TrainingFailed(f"{algorithm}: no client update was accepted in any of {len(records)} rounds, so "
-                             f"nothing trained; reasons: {reasons[:3]} (all in {rd.events})")  # fmt: skip
-    if adapters:
-        write_adapters(task, sim.state.global_state, sim.state.local, rd.path / ADAPTER_DIR)
-    summary = write_run_summary(rd, cfg, algorithm)
+    summary = finish_run(rd, cfg, algorithm, task, sim.state)
     if progress is not None:
         progress.finish(algorithm, summary)
     return summary
