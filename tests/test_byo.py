@@ -75,15 +75,15 @@ def _lm_loss(model, task) -> float:
 
 
 @pytest.mark.parametrize(
-    "model, data, clients",
+    "model, data, clients, algorithms",
     [
-        ("llama", "lm.jsonl", "column"),
-        ("gpt2", "lm.csv", "column"),
-        ("llama", "lm.parquet", "dirichlet"),
-        ("gpt2", ["client-c0.jsonl", "client-c1.jsonl", "client-c2.jsonl"], "files"),
+        ("llama", "lm.jsonl", "column", ("fedsrd-plus", "fedavg")),  # the contract config
+        ("gpt2", "lm.csv", "column", ("fedsrd", "fedavg")),
+        ("llama", "lm.parquet", "dirichlet", ("fedsrd", "fedavg")),
+        ("gpt2", ["client-c0.jsonl", "client-c1.jsonl", "client-c2.jsonl"], "files", ("fedsrd", "fedavg")),
     ],
 )
-def test_causal_lm_end_to_end_and_the_adapter_reproduces_the_run(root, tmp_path, model, data, clients):
+def test_causal_lm_end_to_end_and_the_adapter_reproduces_the_run(root, tmp_path, model, data, clients, algorithms):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -94,10 +94,10 @@ def test_causal_lm_end_to_end_and_the_adapter_reproduces_the_run(root, tmp_path,
         task["client_column"] = "client"
     if clients == "dirichlet":
         task.update(partition="dirichlet", num_clients=3, partition_column="client", alpha=1.0)
-    cfg = write_config(tmp_path / "my.toml", task)
+    cfg = write_config(tmp_path / "my.toml", task, algorithms=algorithms)
     out = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
-    for alg in ("fedsrd", "fedavg"):
+    for alg in algorithms:
         adapter = out / alg / "adapter"
         assert (adapter / "adapter_model.safetensors").is_file()
         saved = json.loads((adapter / "adapter_config.json").read_text())
@@ -132,6 +132,37 @@ def test_export_merged_gives_base_plus_adapter_logits_and_generate_prints(root, 
     assert "kept rounds" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "the cat and", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_fedper_writes_each_clients_own_adapter(root, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = write_config(tmp_path / "my.toml", {"name": "causal-lm", "model": str(root / "llama"), "data": str(root / "lm.jsonl"),
+                                             "client_column": "client", "lora_rank": 2}, algorithms=["fedper"], rounds=2)  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    clients = sorted(p.name for p in (out / "adapter" / "clients").iterdir())
+    assert clients == ["c0", "c1", "c2"]
+    built = make_task("causal-lm", parse_run_config(__import__("tomllib").loads(cfg.read_text())).task, 0).build()
+    losses = []
+    for i, name in enumerate(clients):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "llama"), out / "adapter" / "clients" / name).eval()
+        loss_sum, tokens = 0.0, 0
+        with torch.no_grad():
+            for x, y in built.evaluate_batches(i):
+                keep = y != IGNORE
+                loss_sum += float(F.cross_entropy(model(input_ids=x).logits[keep], y[keep], reduction="sum"))
+                tokens += int(keep.sum())
+        losses.append(loss_sum / tokens)
+    # FedPer evaluates each client's own state on its own rows (mean weighted by rows): the exported
+    # client adapters give the same
+    rows = [len(built.client_eval[i]) for i in range(3)]
+    assert sum(l * n for l, n in zip(losses, rows)) / sum(rows) == pytest.approx(final_eval(out)["loss"], abs=1e-5)
+    from safetensors.torch import load_file
+
+    own = [load_file(str(out / "adapter" / "clients" / n / "adapter_model.safetensors")) for n in clients]
+    assert any(not torch.equal(own[0][k], own[1][k]) for k in own[0])  # personal layers differ
 
 
 def test_messages_rows_use_the_chat_template_and_learn_the_last_turn_only(root, tmp_path):
