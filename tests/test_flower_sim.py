@@ -110,3 +110,31 @@ def test_causal_lm_on_flower_writes_the_same_adapter_as_the_in_process_runtime(t
     assert got.keys() == want.keys() and len(got) > 0
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+# one round on the Flower simulation engine for the tasks whose clients come from their data
+# (these crashed before the runtime asked the task for its client count)
+TASK_SETS = {
+    "lm-domains": ["task.model=tiny", "task.train_examples=4", "task.eval_examples=2", "task.seq_len=64",
+                   "task.local_steps=1", "task.ood_domains=[]", "task.lora_rank=2"],
+    "shakespeare": ["task.max_clients=3", "task.hidden=16", "task.embed_dim=4", "task.local_steps=1",
+                    "task.eval_windows=4"],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(TASK_SETS))
+def test_every_data_defined_task_runs_a_round_on_flower_with_the_same_tree(tmp_path, capfd, task):
+    from fedlowrank.cli import main
+
+    config = tmp_path / "my.toml"
+    config.write_text(f'name = "one-round"\nalgorithms = ["fedavg", "fedprox"]\n[task]\nname = "{task}"\n[sim]\nrounds = 1\n')
+    sets = [a for s in TASK_SETS[task] for a in ("--set", s)]
+    assert main(["run", str(config), *sets, "--out", str(tmp_path / "run"), "--runtime", "flower", "--quiet"]) == 0
+    top = tmp_path / "run"
+    for name in ("config.toml", "summary.json", "summary.md", "curves.png"):
+        assert (top / name).is_file(), name  # the comparison, as in-process
+    for alg in ("fedavg", "fedprox"):
+        assert (top / alg / "summary.json").is_file()
+    err = capfd.readouterr().err
+    assert "DEBUG" not in err and "deprecated" not in err

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue a killed run from its last complete round")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--verbose", action="store_true", help="--runtime flower: show Flower's debug log lines")
     run.add_argument("--runtime", choices=("sim", "flower"), default="sim",
                      help="sim: in-process (default); flower: Flower's simulation engine, one SuperNode per client (docs/flower.md)")  # fmt: skip
 
@@ -174,7 +175,7 @@ def _cmd_run(args, console) -> int:
                 raise ConfigError("--resume is not supported with --runtime flower")
             from fedlowrank.flower.simulate import simulate
 
-            summaries = simulate(args.config, args.overrides, out)
+            summaries = simulate(args.config, args.overrides, out, verbose=args.verbose, quiet=args.quiet)
         elif args.quiet:
             summaries = run_experiment(cfg, out, resume=resume)
         else:

@@ -72,6 +72,7 @@ class FlowerRunOptions:
     out_dir: str = ""
     round_timeout: float = 300.0
     nodes_timeout: float = 60.0
+    log_level: str = "INFO"  # the ServerApp's own log lines (one per round); WARNING: quiet
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FlowerRunOptions":
@@ -87,6 +88,8 @@ class FlowerRunOptions:
                 raise ConfigError(f"Flower run config: {key} must be {kind.__name__}, got {value!r}")
             kw[fields[key]] = value
         opts = cls(**kw)
+        if opts.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"Flower run config: log-level must be DEBUG, INFO, WARNING or ERROR, got {opts.log_level!r}")
         if opts.num_server_rounds < 0 or opts.round_timeout <= 0 or opts.nodes_timeout <= 0:
             raise ConfigError("Flower run config: num-server-rounds must be >= 0, the timeouts > 0")
         return opts

@@ -269,7 +269,8 @@ def run_on_grid(grid: Grid, opts: FlowerRunOptions) -> dict[str, Any]:
         log.removeHandler(handler)
         handler.close()
     summary = finish_run(rd, cfg, algorithm, task, sim.state, runtime_note=" (Flower)")
-    print(f"fedlowrank: run directory {out}", flush=True)
+    if opts.log_level in ("DEBUG", "INFO"):
+        print(f"fedlowrank: run directory {out}", flush=True)
     return summary
 
 
@@ -280,8 +281,9 @@ def make_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        logging.getLogger("fedlowrank").setLevel(logging.INFO)
-        run_on_grid(grid, FlowerRunOptions.from_run_config({**(defaults or {}), **context.run_config}))
+        opts = FlowerRunOptions.from_run_config({**(defaults or {}), **context.run_config})
+        logging.getLogger("fedlowrank").setLevel(getattr(logging, opts.log_level))
+        run_on_grid(grid, opts)
 
     return server
 

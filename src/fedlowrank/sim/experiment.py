@@ -33,7 +33,7 @@ from fedlowrank.sim.rundir import RunDir, atomic_write
 from fedlowrank.sim.runtime import Channel, SimState, Simulation
 from fedlowrank.tasks import make_task
 
-__all__ = ["TrainingFailed", "record_round", "finish_run", "run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
+__all__ = ["TrainingFailed", "record_round", "finish_run", "write_comparison", "run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
 
 log = logging.getLogger("fedlowrank.sim")
 
@@ -173,8 +173,14 @@ def run_experiment(
         summaries.append(summary)
         series.append((algorithm, rd.read_metrics()))
     if many:
-        top = RunDir(out)
-        top.write_json(top.summary_json, {"name": cfg.name, "task": cfg.task_name, "runs": summaries})
-        atomic_write(top.summary_md, f"# {cfg.name} on {cfg.task_name}\n\n" + markdown_table(summaries))
-        plot_curves(series, top.curves)
+        write_comparison(out, cfg, summaries, series)
     return summaries
+
+
+def write_comparison(out: Path, cfg: RunConfig, summaries: list[dict[str, Any]], series) -> None:
+    """The top-level summary.json, summary.md and curves.png of a run of several algorithms
+    (both runtimes)."""
+    top = RunDir(out)
+    top.write_json(top.summary_json, {"name": cfg.name, "task": cfg.task_name, "runs": summaries})
+    atomic_write(top.summary_md, f"# {cfg.name} on {cfg.task_name}\n\n" + markdown_table(summaries))
+    plot_curves(series, top.curves)
