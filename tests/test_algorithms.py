@@ -43,7 +43,7 @@ def run_round(alg, state, t, m=3, seed=0):
 def test_registry_lists_every_method():
     assert set(ALGORITHMS) == {
         "fedsrd", "fedsrd-e", "fedsrd-plus", "fedsrd-e-plus", "fedavg", "fedprox", "ffa-lora", "flexlora", "fed-dare",
-        "fedavg-magnitude", "fedavg-importance", "fedper",
+        "fedavg-magnitude", "fedavg-importance", "fedper", "fedsa-lora",
     }
 
 

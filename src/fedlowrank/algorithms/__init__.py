@@ -13,6 +13,7 @@ from typing import Any
 from fedlowrank.algorithms.base import Algorithm, ClientInfo, RoundInfo, apply_broadcast, derive_seed
 from fedlowrank.algorithms.fedavg import FedAvg, FedAvgImportance, FedAvgMagnitude, FedDARE, FedProx
 from fedlowrank.algorithms.fedper import FedPer
+from fedlowrank.algorithms.fedsa_lora import FedSALoRA
 from fedlowrank.algorithms.fedsrd import FedSRD, FedSRDe, FedSRDePlus, FedSRDPlus, decompose
 from fedlowrank.algorithms.ffa_lora import FFALoRA
 from fedlowrank.algorithms.flexlora import FlexLoRA
@@ -20,7 +21,7 @@ from fedlowrank.config import ConfigError, from_mapping
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
-    for cls in (FedSRD, FedSRDe, FedSRDPlus, FedSRDePlus, FedAvg, FedProx, FFALoRA, FlexLoRA, FedDARE, FedAvgMagnitude, FedAvgImportance, FedPer)
+    for cls in (FedSRD, FedSRDe, FedSRDPlus, FedSRDePlus, FedAvg, FedProx, FFALoRA, FlexLoRA, FedDARE, FedAvgMagnitude, FedAvgImportance, FedPer, FedSALoRA)
 }
 
 __all__ = [

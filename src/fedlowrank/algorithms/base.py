@@ -25,7 +25,6 @@ Payloads carry `meta["kind"]`: "delta" (add to the state) or "state" (replace th
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 
 from fedlowrank.config import ConfigError
 from fedlowrank.payload import Payload
+from fedlowrank.seeds import derive_seed  # re-exported: algorithms seed by it
 
 __all__ = [
     "Algorithm",
@@ -75,12 +75,6 @@ class ClientInfo:
     round: int
     client_id: int
     seed: int = 0
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (run seed, purpose, round, tensor name): stable everywhere."""
-    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 def aggregation_weights(num_samples: Sequence[int], weighting: str) -> list[float]:

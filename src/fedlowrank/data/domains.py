@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedlowrank.algorithms.base import derive_seed
+from fedlowrank.seeds import derive_seed
 from fedlowrank.data.packages import package_dir
 
 __all__ = [

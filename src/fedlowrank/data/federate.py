@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedlowrank.algorithms.base import derive_seed
+from fedlowrank.seeds import derive_seed
 from fedlowrank.config import choice, require
 from fedlowrank.data.tables import DataError, load_table, require_columns
 

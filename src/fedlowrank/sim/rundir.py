@@ -17,31 +17,12 @@ from typing import Any
 
 import torch
 
+from fedlowrank.files import atomic_write  # re-exported
 from fedlowrank.sim.runtime import SimState
 
 __all__ = ["RunDir", "atomic_write", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` so a reader sees the old file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    raw = data.encode() if isinstance(data, str) else data
-    with open(tmp, "wb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 class RunDir:

