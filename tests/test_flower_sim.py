@@ -26,8 +26,17 @@ PLUS_SET = ["task.num_clients=4", "sim.rounds=10", "sim.fraction=0.25", "sim.eva
             "algorithm.fedsrd-plus.upload_feedback=true"]
 
 
+# FedSA-LoRA: B stays on the SuperNodes (Flower evaluates globally: per-client evaluation is not
+# built there yet); FedAvg with client error feedback: its remainder lives in the node's context
+SA_SET = [*SET, "sim.evaluation=global", "sim.rounds=3"]
+EF_SET = [*SET, "algorithm.fedavg-importance.upload_feedback=true", "sim.rounds=3"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm,overrides,catchup", [("fedsrd", SET, "deltas"), ("fedsrd-plus", PLUS_SET, "state")])
+@pytest.mark.parametrize("algorithm,overrides,catchup", [
+    ("fedsrd", SET, "deltas"), ("fedsrd-plus", PLUS_SET, "state"), ("fedsa-lora", SA_SET, "deltas"),
+    ("fedavg-importance", EF_SET, "deltas"),
+])  # fmt: skip
 def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path, algorithm, overrides, catchup):
     from flwr.simulation import run_simulation
 
