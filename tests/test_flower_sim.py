@@ -27,15 +27,13 @@ PLUS_SET = ["task.num_clients=4", "sim.rounds=10", "sim.fraction=0.25", "sim.eva
 
 
 # FedSA-LoRA: B stays on the SuperNodes (Flower evaluates globally: per-client evaluation is not
-# built there yet); FedAvg with client error feedback: its remainder lives in the node's context
+# built there yet). Client error feedback runs in the fedsrd-plus case (PLUS_SET).
 SA_SET = [*SET, "sim.evaluation=global", "sim.rounds=3"]
-EF_SET = [*SET, "algorithm.fedavg-importance.upload_feedback=true", "sim.rounds=3"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm,overrides,catchup", [
     ("fedsrd", SET, "deltas"), ("fedsrd-plus", PLUS_SET, "state"), ("fedsa-lora", SA_SET, "deltas"),
-    ("fedavg-importance", EF_SET, "deltas"),
 ])  # fmt: skip
 def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path, algorithm, overrides, catchup):
     from flwr.simulation import run_simulation
@@ -137,13 +135,15 @@ def test_every_data_defined_task_runs_a_round_on_flower_with_the_same_tree(tmp_p
     from fedlowrank.cli import main
 
     config = tmp_path / "my.toml"
-    config.write_text(f'name = "one-round"\nalgorithms = ["fedavg", "fedprox"]\n[task]\nname = "{task}"\n[sim]\nrounds = 1\n')
+    algorithms = ["fedavg", "fedprox"] if task == "lm-domains" else ["fedavg"]  # one Ray start each: keep few
+    config.write_text(f'name = "one-round"\nalgorithms = {algorithms}\n[task]\nname = "{task}"\n[sim]\nrounds = 1\n'.replace("'", '"'))
     sets = [a for s in TASK_SETS[task] for a in ("--set", s)]
     assert main(["run", str(config), *sets, "--out", str(tmp_path / "run"), "--runtime", "flower", "--quiet"]) == 0
     top = tmp_path / "run"
     for name in ("config.toml", "summary.json", "summary.md", "curves.png"):
-        assert (top / name).is_file(), name  # the comparison, as in-process
-    for alg in ("fedavg", "fedprox"):
-        assert (top / alg / "summary.json").is_file()
+        assert (top / name).is_file(), name  # the comparison (or the one run), as in-process
+    if len(algorithms) > 1:
+        for alg in algorithms:
+            assert (top / alg / "summary.json").is_file()
     err = capfd.readouterr().err
     assert "DEBUG" not in err and "deprecated" not in err
