@@ -36,7 +36,7 @@ from typing import Any
 
 from fedlowrank.algorithms import ALGORITHMS, make_algorithm
 from fedlowrank.config import ConfigError, from_mapping
-from fedlowrank.sim.runtime import SimConfig
+from fedlowrank.roundconfig import SimConfig
 from fedlowrank.tasks import TASKS, task_config
 
 __all__ = [

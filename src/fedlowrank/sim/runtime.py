@@ -30,54 +30,23 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedlowrank.algorithms.base import Algorithm, ClientInfo, RoundInfo, derive_seed, state_payload
-from fedlowrank.codec import VALUE_DTYPES, PayloadError, decode_payload, encode_payload, encode_payload_with_stats
-from fedlowrank.config import ConfigError, choice, require
+from fedlowrank.codec import PayloadError, decode_payload, encode_payload, encode_payload_with_stats
+from fedlowrank.config import ConfigError
 from fedlowrank.lora import lora_pairs
 from fedlowrank.payload import Payload
+from fedlowrank.roundconfig import POSITIONS, SimConfig  # re-exported: the runtime's config
 from fedlowrank.tasks.base import Task
 
 __all__ = ["SimConfig", "Simulation", "Channel", "SimState", "keep_local", "encode", "Encoded"]
 
 log = logging.getLogger("fedlowrank.sim")
 State = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """The runtime's knobs (the `[sim]` table of a run config)."""
-
-    rounds: int = 10
-    clients_per_round: int = 0  # 0: use `fraction`
-    fraction: float = 1.0  # of all clients, at least one
-    eval_every: int = 1  # evaluate every N rounds, and always after the last
-    evaluation: Literal["auto", "global", "clients"] = "auto"  # auto: clients iff local keys exist
-    upload_positions: Literal["auto", "golomb", "bitmap", "dense"] = "auto"
-    upload_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    download_positions: Literal["auto", "golomb", "bitmap", "dense"] = "auto"
-    download_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    verify_sync: bool = False
-    threads: int = 0  # torch threads during the run; 0: the task's choice (tiny models: 1)
-
-    def __post_init__(self) -> None:
-        require(1 <= self.rounds <= 1_000_000, "rounds", f"must lie in [1, 1000000], got {self.rounds}")
-        require(self.clients_per_round >= 0, "clients_per_round", f"must be >= 0, got {self.clients_per_round}")
-        require(0.0 < self.fraction <= 1.0, "fraction", f"must lie in (0, 1], got {self.fraction}")
-        require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
-        choice(self.evaluation, "evaluation", ("auto", "global", "clients"))
-        choice(self.upload_positions, "upload_positions", POSITIONS)
-        choice(self.download_positions, "download_positions", POSITIONS)
-        choice(self.upload_dtype, "upload_dtype", tuple(VALUE_DTYPES))
-        choice(self.download_dtype, "download_dtype", tuple(VALUE_DTYPES))
-        require(0 <= self.threads <= 1024, "threads", f"must lie in [0, 1024], got {self.threads}")
-
-
-POSITIONS = ("auto", "golomb", "bitmap", "dense")  # auto: per tensor the smaller of golomb and dense
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,44 @@
+"""The `[sim]` table of a run config: how rounds run (clients per round, evaluation, the wire
+encodings). Read by both runtimes and by the run config, so it sits below all of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fedlowrank.codec import VALUE_DTYPES
+from fedlowrank.config import choice, require
+
+__all__ = ["SimConfig", "POSITIONS"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The runtime's knobs (the `[sim]` table of a run config)."""
+
+    rounds: int = 10
+    clients_per_round: int = 0  # 0: use `fraction`
+    fraction: float = 1.0  # of all clients, at least one
+    eval_every: int = 1  # evaluate every N rounds, and always after the last
+    evaluation: Literal["auto", "global", "clients"] = "auto"  # auto: clients iff local keys exist
+    upload_positions: Literal["auto", "golomb", "bitmap", "dense"] = "auto"
+    upload_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    download_positions: Literal["auto", "golomb", "bitmap", "dense"] = "auto"
+    download_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    verify_sync: bool = False
+    threads: int = 0  # torch threads during the run; 0: the task's choice (tiny models: 1)
+
+    def __post_init__(self) -> None:
+        require(1 <= self.rounds <= 1_000_000, "rounds", f"must lie in [1, 1000000], got {self.rounds}")
+        require(self.clients_per_round >= 0, "clients_per_round", f"must be >= 0, got {self.clients_per_round}")
+        require(0.0 < self.fraction <= 1.0, "fraction", f"must lie in (0, 1], got {self.fraction}")
+        require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+        choice(self.evaluation, "evaluation", ("auto", "global", "clients"))
+        choice(self.upload_positions, "upload_positions", POSITIONS)
+        choice(self.download_positions, "download_positions", POSITIONS)
+        choice(self.upload_dtype, "upload_dtype", tuple(VALUE_DTYPES))
+        choice(self.download_dtype, "download_dtype", tuple(VALUE_DTYPES))
+        require(0 <= self.threads <= 1024, "threads", f"must lie in [0, 1024], got {self.threads}")
+
+
+POSITIONS = ("auto", "golomb", "bitmap", "dense")  # auto: per tensor the smaller of golomb and dense
