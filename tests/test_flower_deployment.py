@@ -122,6 +122,10 @@ def stop(p: subprocess.Popen) -> None:
     p.wait(5)
 
 
+# a run takes about 80 s on a quiet 2-core machine; a loaded one (CI beside other jobs) needs more
+SUMMARY_WAIT = 240.0
+
+
 def submit(env, out: Path, timeout: float, round_timeout: float = 60.0) -> subprocess.Popen:
     config = f"algorithm='fedsrd' set='{SET}' out-dir='{out}' round-timeout={round_timeout} nodes-timeout=30.0"
     return subprocess.Popen([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", config], cwd=REPO, env=env,
@@ -142,7 +146,7 @@ def test_superlink_and_two_supernodes_run_fedsrd(tmp_path):
     with deployment(tmp_path, 2) as (env, _):
         run = submit(env, out, timeout=90)
         try:
-            wait_for_summary(out, run, 90)
+            wait_for_summary(out, run, SUMMARY_WAIT)
         finally:
             stop(run)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -162,13 +166,13 @@ def test_a_supernode_killed_during_a_round_is_left_out_and_logged(tmp_path):
         run = submit(env, out, timeout=90, round_timeout=15.0)
         try:
             # kill it (SIGKILL: a crash) as soon as round 1's train message reaches it
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while "Receiving: train message" not in (tmp_path / "supernode-1.log").read_text():
                 assert time.monotonic() < deadline, "round 1 never reached SuperNode 1"
                 assert not (out / "metrics.jsonl").exists(), "round 1 ended before SuperNode 1 got its message"
                 time.sleep(0.1)
             os.killpg(victim.pid, signal.SIGKILL)
-            wait_for_summary(out, run, 90)
+            wait_for_summary(out, run, SUMMARY_WAIT)
         finally:
             stop(run)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
