@@ -16,6 +16,7 @@ and A (r, in, k, k) are not the d_out x r, r x d_in matrices the LoRA algorithms
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from torch import nn
 from fedlowrank.config import ConfigError, require
 from fedlowrank.data.tables import offline
 
-__all__ = ["LoRAConfig", "check_model_name", "model_folder", "load_tokenizer", "apply_lora", "state_key", "max_positions",
+__all__ = ["LoRAConfig", "check_model_name", "model_folder", "load_tokenizer", "apply_lora", "state_key", "max_positions", "save_merged",
            "TINY_BASE_NAME"]  # fmt: skip
 
 TINY_BASE_NAME = "fedlowrank:tiny"  # base_model_name_or_path of adapters on the random tiny Llama
@@ -109,6 +110,11 @@ def _module_names(model: nn.Module) -> list[str]:
     return list(seen)
 
 
+def _matches_nothing(cfg: LoRAConfig, base: nn.Module) -> ConfigError:
+    return ConfigError(f"target_modules: {cfg.target_modules!r} matches no module of the model; "
+                       f"its layers are named {_module_names(base)[:40]}")  # fmt: skip
+
+
 def apply_lora(base: nn.Module, cfg: LoRAConfig, task_type: str | None = None, base_name: str = "",
                layers_to_transform: list[int] | None = None):  # fmt: skip
     """`base` wrapped by PEFT LoRA as `cfg` says (in `layers_to_transform` only, if given);
@@ -132,8 +138,7 @@ def apply_lora(base: nn.Module, cfg: LoRAConfig, task_type: str | None = None, b
             model = get_peft_model(base, lora)
         except ValueError as e:
             if "not found" in str(e) or "match" in str(e).lower():
-                raise ConfigError(f"target_modules: {cfg.target_modules!r} matches no module of the model; "
-                                  f"its layers are named {_module_names(base)[:40]}") from None  # fmt: skip
+                raise _matches_nothing(cfg, base) from None
             raise ConfigError(f"target_modules: PEFT cannot apply LoRA ({e})") from None
     for name, p in model.named_parameters():
         if "lora_A" in name and p.dim() != 2:
@@ -143,11 +148,22 @@ def apply_lora(base: nn.Module, cfg: LoRAConfig, task_type: str | None = None, b
                 "algorithms need linear layers, so leave it out of target_modules"
             )
     if not any("lora_A" in n for n, _ in model.named_parameters()):
-        raise ConfigError(f"target_modules: {cfg.target_modules!r} matches no module of the model; "
-                          f"its layers are named {_module_names(base)[:40]}")  # fmt: skip
+        raise _matches_nothing(cfg, base)
     if base_name:
         model.peft_config["default"].base_model_name_or_path = base_name
     return model
+
+
+def save_merged(peft_model, tokenizer, path: str | Path, labels: list[str] | None = None) -> None:
+    """Base + adapter merged into one Hugging Face folder at `path`, with the tokenizer (when it
+    is a Hugging Face one) and, for a classifier, its label names. `peft_model` is left as it is."""
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    if labels is not None:
+        merged.config.id2label = dict(enumerate(labels))
+        merged.config.label2id = {c: i for i, c in enumerate(labels)}
+    merged.save_pretrained(str(path))
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(path))
 
 
 def state_key(param_name: str, body_prefix: str) -> str:

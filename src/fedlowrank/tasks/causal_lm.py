@@ -28,7 +28,6 @@ clients); `evaluate(client)` scores that client's own evaluation rows.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,17 @@ from fedlowrank.config import ConfigError, choice, require
 from fedlowrank.data.domains import Example
 from fedlowrank.data.federate import ClientDataConfig, federate
 from fedlowrank.data.tables import DataError
-from fedlowrank.models.hf import check_model_name, TINY_BASE_NAME, LoRAConfig, apply_lora, load_tokenizer, max_positions, model_folder, state_key
+from fedlowrank.models.hf import (
+    TINY_BASE_NAME,
+    LoRAConfig,
+    apply_lora,
+    check_model_name,
+    load_tokenizer,
+    max_positions,
+    model_folder,
+    save_merged,
+    state_key,
+)
 from fedlowrank.tasks.base import Batch, Task, TrainConfig, batches
 
 __all__ = ["CausalLMTask", "CausalLMBase", "CausalLMConfig", "Example", "tokenize_example", "collate", "IGNORE", "FORMATS"]
@@ -182,10 +191,7 @@ class CausalLMBase(Task):
     def save_merged(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
         """Write base + `state` merged into one Hugging Face model folder (with the tokenizer)."""
         self.load(state)
-        merged = copy.deepcopy(self.model).merge_and_unload()
-        merged.save_pretrained(str(path))
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(str(path))
+        save_merged(self.model, self.tokenizer, path)
 
     @torch.no_grad()
     def generate(self, state: dict[str, torch.Tensor], prompt: str, max_new_tokens: int = 64) -> str:

@@ -45,7 +45,7 @@ import torch
 
 from fedlowrank.config import choice, require
 from fedlowrank.data.domains import DOMAINS, IN_DOMAIN, load_domain
-from fedlowrank.models.hf import check_model_name, LoRAConfig
+from fedlowrank.models.hf import LoRAConfig, check_model_name
 from fedlowrank.tasks.base import TrainConfig
 from fedlowrank.tasks.causal_lm import IGNORE, CausalLMBase, collate, tokenize_example
 

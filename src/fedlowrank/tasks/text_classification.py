@@ -33,11 +33,9 @@ as rows: the same code (`EncoderClassifierBase`), its own split and short key na
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +50,7 @@ from fedlowrank.config import ConfigError, choice, require
 from fedlowrank.data.federate import ClientDataConfig, federate
 from fedlowrank.data.packages import cache_dir
 from fedlowrank.data.tables import DataError
-from fedlowrank.models.hf import LoRAConfig, apply_lora, check_model_name, load_tokenizer, max_positions, model_folder, state_key
+from fedlowrank.models.hf import LoRAConfig, apply_lora, check_model_name, load_tokenizer, max_positions, model_folder, save_merged, state_key
 from fedlowrank.tasks.base import Batch, Task, TrainConfig, batches
 
 __all__ = ["TextClassificationTask", "TextClassificationConfig", "EncoderConfig", "EncoderClassifierBase", "HEAD_FILE"]
@@ -257,15 +255,9 @@ class EncoderClassifierBase(Task):
     def save_merged(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
         self.load(state)
         path = Path(path)
-        merged = copy.deepcopy(self.encoder).merge_and_unload()
-        if self.config.pooling == "head":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                merged.config.id2label = {i: str(c) for i, c in enumerate(self.classes)}
-                merged.config.label2id = {str(c): i for i, c in enumerate(self.classes)}
-        merged.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
-        if self.config.pooling == "mean":
+        head = self.config.pooling == "head"  # the model's own head takes the label names
+        save_merged(self.encoder, self.tokenizer, path, [str(c) for c in self.classes] if head else None)
+        if not head:
             self._save_head(path)
 
     def describe(self) -> dict[str, Any]:
