@@ -55,7 +55,7 @@ from fedlowrank.models.hf import (
 )
 from fedlowrank.tasks.base import Batch, Task, TrainConfig, batches
 
-__all__ = ["CausalLMTask", "CausalLMBase", "CausalLMConfig", "Example", "tokenize_example", "collate", "IGNORE", "FORMATS"]
+__all__ = ["CausalLMTask", "CausalLMBase", "CausalLMConfig", "LMTrainConfig", "Example", "tokenize_example", "collate", "IGNORE", "FORMATS"]
 
 IGNORE = -100  # target of positions that carry no loss (prompt, padding)
 FORMATS = ("auto", "prompt-completion", "messages", "text")
@@ -92,7 +92,16 @@ def collate(items: list[Item], pad_id: int) -> Batch:
 
 
 @dataclass(frozen=True)
-class CausalLMConfig(ClientDataConfig, LoRAConfig, TrainConfig):
+class LMTrainConfig(TrainConfig):
+    """Local training defaults of the causal-LM tasks (causal-lm, lm-domains): AdamW, 10 steps."""
+
+    batch_size: int = 4
+    lr: float = 3e-4
+    eval_batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class CausalLMConfig(ClientDataConfig, LoRAConfig, LMTrainConfig):
     model: str = "tiny"
     format: Literal["auto", "prompt-completion", "messages", "text"] = "auto"
     prompt_column: str = "prompt"
@@ -100,12 +109,6 @@ class CausalLMConfig(ClientDataConfig, LoRAConfig, TrainConfig):
     messages_column: str = "messages"
     text_column: str = "text"
     seq_len: int = 0  # tokens per sequence; 0: min(256, the model's maximum)
-    lora_rank: int = 16
-    local_steps: int = 10
-    batch_size: int = 4
-    lr: float = 3e-4
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
         check_model_name(self.model, ("smollm2", "tiny"))

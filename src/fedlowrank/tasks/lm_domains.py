@@ -38,7 +38,7 @@ averages. `evaluate(client)` scores the client's own domain only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,13 +47,13 @@ from fedlowrank.config import choice, require
 from fedlowrank.data.domains import DOMAINS, IN_DOMAIN, load_domain
 from fedlowrank.models.hf import LoRAConfig, check_model_name
 from fedlowrank.tasks.base import TrainConfig
-from fedlowrank.tasks.causal_lm import IGNORE, CausalLMBase, collate, tokenize_example
+from fedlowrank.tasks.causal_lm import IGNORE, CausalLMBase, LMTrainConfig, collate, tokenize_example
 
 __all__ = ["LMDomainsTask", "LMDomainsConfig", "tokenize_example", "collate", "IGNORE"]
 
 
 @dataclass(frozen=True)
-class LMDomainsConfig(LoRAConfig, TrainConfig):
+class LMDomainsConfig(LoRAConfig, LMTrainConfig):
     model: str = "smollm2"  # "smollm2", "tiny" or a Hugging Face model folder
     domains: tuple[str, ...] = IN_DOMAIN  # one client (or clients_per_domain) per domain
     ood_domains: tuple[str, ...] = ("politics", "tech")  # evaluated, never trained on
@@ -61,12 +61,6 @@ class LMDomainsConfig(LoRAConfig, TrainConfig):
     train_examples: int = 64  # per domain, shared by its clients (capped by what it holds)
     eval_examples: int = 16  # held out, per domain (in-domain and out-of-domain)
     seq_len: int = 256  # tokens per sequence
-    lora_rank: int = 16
-    local_steps: int = 10
-    batch_size: int = 4
-    lr: float = 3e-4
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
         TrainConfig.__post_init__(self)

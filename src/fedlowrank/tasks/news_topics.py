@@ -37,7 +37,7 @@ from fedlowrank.seeds import derive_seed
 from fedlowrank.config import require
 from fedlowrank.data.packages import package_dir
 from fedlowrank.tasks.base import PartitionConfig, TrainConfig, partition_labels, split_like, stratified_sample
-from fedlowrank.tasks.text_classification import EncoderClassifierBase, EncoderConfig
+from fedlowrank.tasks.text_classification import EncoderClassifierBase, EncoderConfig, EncoderTrainConfig
 
 __all__ = ["NewsTopicsTask", "NewsTopicsConfig", "load_bbc_news", "model_dir"]
 
@@ -45,7 +45,7 @@ NUM_LAYERS = 6
 
 
 @dataclass(frozen=True)
-class NewsTopicsConfig(PartitionConfig, EncoderConfig, TrainConfig):
+class NewsTopicsConfig(PartitionConfig, EncoderConfig, EncoderTrainConfig):
     max_length: int = 64  # tokens per article (title and lead)
     pooling: Literal["head", "mean"] = "mean"
     lora_rank: int = 8
@@ -55,10 +55,6 @@ class NewsTopicsConfig(PartitionConfig, EncoderConfig, TrainConfig):
     test_fraction: float = 0.2
     max_articles: int = 0  # 0 = all 2225; else a stratified subsample (fast tests)
     cache: bool = True  # keep the frozen layers' output on disk
-    local_steps: int = 5
-    batch_size: int = 16
-    lr: float = 2e-3
-    optimizer: Literal["sgd", "adamw"] = "adamw"
     eval_batch_size: int = 128
 
     def __post_init__(self) -> None:

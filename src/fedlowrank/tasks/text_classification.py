@@ -53,7 +53,7 @@ from fedlowrank.data.tables import DataError
 from fedlowrank.models.hf import LoRAConfig, apply_lora, check_model_name, load_tokenizer, max_positions, model_folder, save_merged, state_key
 from fedlowrank.tasks.base import Batch, Task, TrainConfig, batches
 
-__all__ = ["TextClassificationTask", "TextClassificationConfig", "EncoderConfig", "EncoderClassifierBase", "HEAD_FILE"]
+__all__ = ["TextClassificationTask", "TextClassificationConfig", "EncoderConfig", "EncoderTrainConfig", "EncoderClassifierBase", "HEAD_FILE"]
 
 HEAD_FILE = "classifier.safetensors"  # pooling = "mean": the linear head beside the PEFT adapter
 
@@ -266,15 +266,20 @@ class EncoderClassifierBase(Task):
 
 
 @dataclass(frozen=True)
-class TextClassificationConfig(ClientDataConfig, EncoderConfig, TrainConfig):
+class EncoderTrainConfig(TrainConfig):
+    """Local training defaults of the encoder tasks (text-classification, news-topics): AdamW,
+    5 steps of 16."""
+
+    local_steps: int = 5
+    lr: float = 2e-3
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class TextClassificationConfig(ClientDataConfig, EncoderConfig, EncoderTrainConfig):
     model: str = "minilm"
     text_column: str = "text"
     label_column: str = "label"
-    local_steps: int = 5
-    batch_size: int = 16
-    lr: float = 2e-3
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
         check_model_name(self.model, ("minilm",))
