@@ -23,7 +23,7 @@ rows, a client left with no training or no evaluation rows, eval files that do n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ __all__ = ["ClientDataConfig", "ClientRows", "Federation", "federate", "PARTITIO
 
 PARTITIONS = ("auto", "column", "files", "iid", "dirichlet", "shards", "size-skewed")
 Row = dict[str, Any]
+Columns = Mapping[str, str] | Callable[[Sequence[str]], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -106,15 +107,16 @@ class Federation:
     clients: list[ClientRows]
     global_eval: list[Row]  # the global test set
     client_tests: bool  # whether each client has its own evaluation rows
+    source_columns: list[str]  # the first data file's columns
 
 
-def _load(files: tuple[str, ...], columns: Mapping[str, str]):
-    tables = []
-    for f in files:
-        t = load_table(f)
-        require_columns(t, f, columns)
-        tables.append(t)
-    return tables
+def _load(files: tuple[str, ...], columns: Columns, extra: Mapping[str, str]):
+    """The tables of `files`, each checked for the needed columns, and that map of columns."""
+    tables = [load_table(f) for f in files]
+    needed = {**(columns(tables[0].column_names) if callable(columns) else columns), **extra}
+    for f, t in zip(files, tables):
+        require_columns(t, f, needed)
+    return tables, needed
 
 
 def _rows(table) -> list[Row]:
@@ -176,14 +178,15 @@ def _hold_out(rows: list[Row], fraction: float, rng: np.random.Generator, name: 
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def federate(cfg: ClientDataConfig, columns: Mapping[str, str], seed: int, label: str = "") -> Federation:
-    """Clients with training and evaluation rows; `columns` maps each needed column to the field
-    that names it (for errors). `label`: the default `partition_column`."""
+def federate(cfg: ClientDataConfig, columns: Columns, seed: int, label: str = "") -> Federation:
+    """Clients with training and evaluation rows. `columns` maps each needed column to the field
+    that names it (for errors), or is a function of the first data file's column names giving
+    that map (a task whose columns depend on the rows' format). `label`: the default
+    `partition_column`."""
     kind = cfg.resolved_partition
-    needed = dict(columns)
-    if kind == "column":
-        needed[cfg.client_column] = "client_column"
-    tables = _load(cfg.files, needed)
+    extra = {cfg.client_column: "client_column"} if kind == "column" else {}
+    tables, needed = _load(cfg.files, columns, extra)
+    source = list(tables[0].column_names)
     first = cfg.files[0]
     if kind == "files":
         named = [(Path(f).stem, _rows(t)) for f, t in zip(cfg.files, tables)]
@@ -201,8 +204,8 @@ def federate(cfg: ClientDataConfig, columns: Mapping[str, str], seed: int, label
     rng = np.random.default_rng(derive_seed(seed, "eval-split"))
     if not cfg.eval_files:
         clients = [ClientRows(n, *_hold_out(rows, cfg.eval_fraction, rng, n)) for n, rows in named]
-        return Federation(clients, [r for c in clients for r in c.eval], True)
-    eval_tables = _load(cfg.eval_files, needed)
+        return Federation(clients, [r for c in clients for r in c.eval], True, source)
+    eval_tables, _ = _load(cfg.eval_files, needed, {})
     if kind == "files":
         clients = [ClientRows(n, rows, _rows(t)) for (n, rows), t in zip(named, eval_tables)]
     elif kind == "column":
@@ -213,8 +216,8 @@ def federate(cfg: ClientDataConfig, columns: Mapping[str, str], seed: int, label
             raise DataError(f"{cfg.eval_files[0]}: clients {extra[:5]} have evaluation rows but no training rows in data")
     else:
         pooled = [r for t in eval_tables for r in _rows(t)]
-        return Federation([ClientRows(n, rows, []) for n, rows in named], pooled, False)
+        return Federation([ClientRows(n, rows, []) for n, rows in named], pooled, False, source)
     for c in clients:
         if not c.eval:
             raise DataError(f"client {c.name!r} has no evaluation rows in eval_data")
-    return Federation(clients, [r for c in clients for r in c.eval], True)
+    return Federation(clients, [r for c in clients for r in c.eval], True, source)

@@ -326,11 +326,9 @@ class CausalLMTask(CausalLMBase):
         return Example(prompt, full[len(prompt) :])
 
     def _load_clients(self) -> None:
-        from fedlowrank.data.tables import load_table
-
         cfg: CausalLMConfig = self.config
-        fmt = self._format(load_table(cfg.files[0]).column_names)
-        fed = federate(cfg, self._columns(fmt), self.seed)
+        fed = federate(cfg, lambda names: self._columns(self._format(names)), self.seed)
+        fmt = self._format(fed.source_columns)
         self.client_names = [c.name for c in fed.clients]
         self.client_items = [self.tokenize([self._example(r, fmt) for r in c.train]) for c in fed.clients]
         self.client_eval = [self.by_length(self.tokenize([self._example(r, fmt) for r in c.eval])) for c in fed.clients]
