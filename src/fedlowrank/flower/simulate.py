@@ -57,30 +57,34 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     clients = make_task(cfg.task_name, cfg.task, cfg.seed).build().num_clients
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.toml", dump_toml(cfg.to_mapping()))
+    # Flower logs to the "flwr" logger and its handlers; the filter sits on both for this call only
     flwr_log = logging.getLogger("flwr")
+    filtered = [] if verbose else [flwr_log, *flwr_log.handlers]
     noise = _FlowerNoise()
-    if not verbose:
-        for h in flwr_log.handlers:
-            h.addFilter(noise)
-        flwr_log.addFilter(noise)
+    for f in filtered:
+        f.addFilter(noise)
     cpus = max(1, os.cpu_count() or 1)
     summaries, series = [], []
-    for algorithm in cfg.algorithms:
-        rd = out / algorithm if len(cfg.algorithms) > 1 else out
-        opts = {"config": config, "algorithm": algorithm, "set": ";".join(overrides), "out-dir": str(rd),
-                "log-level": "DEBUG" if verbose else "WARNING" if quiet else "INFO"}
-        run_simulation(
-            make_server_app(opts), client_app, num_supernodes=clients, verbose_logging=verbose,
-            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                            # the actors' own log lines reach the terminal only with --verbose
-                            # (a client's failure is in events.log either way)
-                            "init_args": {"num_cpus": cpus, "num_gpus": 0, "log_to_driver": verbose}},
-        )  # fmt: skip
-        summary_path = rd / "summary.json"
-        if not summary_path.exists():
-            raise RuntimeError(f"the Flower run of {algorithm} did not finish; see the log above and {rd / 'events.log'}")
-        summaries.append(json.loads(summary_path.read_text()))
-        series.append((algorithm, RunDir(rd).read_metrics()))
+    try:
+        for algorithm in cfg.algorithms:
+            rd = out / algorithm if len(cfg.algorithms) > 1 else out
+            opts = {"config": config, "algorithm": algorithm, "set": ";".join(overrides), "out-dir": str(rd),
+                    "log-level": "DEBUG" if verbose else "WARNING" if quiet else "INFO"}
+            run_simulation(
+                make_server_app(opts), client_app, num_supernodes=clients, verbose_logging=verbose,
+                backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                                # the actors' own log lines reach the terminal only with --verbose
+                                # (a client's failure is in events.log either way)
+                                "init_args": {"num_cpus": cpus, "num_gpus": 0, "log_to_driver": verbose}},
+            )  # fmt: skip
+            summary_path = rd / "summary.json"
+            if not summary_path.exists():
+                raise RuntimeError(f"the Flower run of {algorithm} did not finish; see the log above and {rd / 'events.log'}")
+            summaries.append(json.loads(summary_path.read_text()))
+            series.append((algorithm, RunDir(rd).read_metrics()))
+    finally:
+        for f in filtered:
+            f.removeFilter(noise)
     if len(cfg.algorithms) > 1:
         write_comparison(out, cfg, summaries, series)
     return summaries
