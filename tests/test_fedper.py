@@ -81,15 +81,16 @@ def test_head_is_never_uploaded_is_kept_per_client_and_the_body_is_averaged():
     for t in range(1, 5):
         before = {i: {k: v.clone() for k, v in sim.state.local.get(i, {}).items()} for i in range(task.num_clients)}
         starts = {}
-        orig = sim._client_start
+        worker = sim.transport.worker
+        orig = worker.train_synced
 
-        def spy(i, orig=orig):
-            starts[i] = orig(i)
-            return starts[i]
+        def spy(held, t, client, reference, orig=orig):
+            starts[client] = worker.start_state(held, reference)
+            return orig(held, t, client, reference)
 
-        sim._client_start = spy
+        worker.train_synced = spy
         rec = sim.round(t)
-        sim._client_start = orig
+        worker.train_synced = orig
         clients = rec["clients"]
         for i in clients:
             # a client starts from its own head of its last round (the initial head the first time)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fedlowrank.algorithms import make_algorithm
+from fedlowrank.codec import decode_payload
 from fedlowrank.config import ConfigError
+from fedlowrank.protocol import ClientHeld
 from fedlowrank.sim import SimConfig, Simulation
 from fedlowrank.sim.experiment import run_experiment
 from fedlowrank.sim.rundir import RunDir
@@ -28,8 +30,9 @@ def test_b_never_travels_and_a_is_the_average_of_the_clients_a():
     # the round, client by client by hand: each trains from (shared A, its own B = init)
     trained = []
     for i in range(task.num_clients):
-        _, got, _, _ = sim._train_client(i, 1, dict(init), {})
-        trained.append(got)
+        result, held = sim.transport.worker.train_synced(ClientHeld(0), 1, i, dict(init))
+        delta = decode_payload(result.upload, sim.upload_shapes).tensors
+        trained.append({**{k: init[k] + delta[k] for k in delta}, **held.local})
     sim.run()
     st = sim.state
     for k in init:

@@ -171,11 +171,12 @@ def _cmd_run(args, console) -> int:
     t0 = time.perf_counter()
     try:
         if args.runtime == "flower":
-            if resume:
-                raise ConfigError("--resume is not supported with --runtime flower")
             from fedlowrank.flower.simulate import simulate
 
-            summaries = simulate(args.config, args.overrides, out, verbose=args.verbose, quiet=args.quiet)
+            if resume:
+                summaries = simulate(None, [], out, verbose=args.verbose, quiet=args.quiet, resume=True)
+            else:
+                summaries = simulate(args.config, args.overrides, out, verbose=args.verbose, quiet=args.quiet)
         elif args.quiet:
             summaries = run_experiment(cfg, out, resume=resume)
         else:
@@ -187,7 +188,8 @@ def _cmd_run(args, console) -> int:
             with progress_cls(console) as progress:
                 summaries = run_experiment(cfg, out, resume=resume, progress=progress, on_task_built=built)
     except KeyboardInterrupt:
-        print(f"fedlowrank: interrupted; continue with: fedlowrank run --resume {out}", file=sys.stderr)
+        flag = " --runtime flower" if args.runtime == "flower" else ""
+        print(f"fedlowrank: interrupted; continue with: fedlowrank run --resume {out}{flag}", file=sys.stderr)
         return 130
     wall = time.perf_counter() - t0
     if not args.quiet:

@@ -7,12 +7,14 @@ stype; only `fedlowrank.codec.decode_payload` reads it.
 Flower run config keys (`[tool.flwr.app.config]`, or `flwr run . --run-config "k=v ..."`):
 
     config            a preset name or a path to a run config TOML (default "digits-all")
-    algorithm         which of the config's algorithms to run ("" = the first listed)
+    algorithm         which of the config's algorithms to run ("" = all of them, in order)
     set               `--set`-style overrides separated by ";" ("sim.rounds=2;task.num_clients=2")
     num-server-rounds overrides sim.rounds when > 0
     out-dir           the run directory ("" = runs/<name>-flower-<time>)
+    resume            continue the run in out-dir from its checkpoints (default false)
     round-timeout     seconds to wait for the replies of one round's messages
     nodes-timeout     seconds to wait at the start for a SuperNode per data partition
+    log-level         the ServerApp's own lines: DEBUG, INFO (one per round, the default), WARNING, ERROR
 
 SuperNodes say which data partition (client id) they hold with the node config key
 `partition-id` (Flower's simulation engine sets it for every virtual node).
@@ -73,6 +75,7 @@ class FlowerRunOptions:
     round_timeout: float = 300.0
     nodes_timeout: float = 60.0
     log_level: str = "INFO"  # the ServerApp's own log lines (one per round); WARNING: quiet
+    resume: bool = False
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FlowerRunOptions":
@@ -84,7 +87,7 @@ class FlowerRunOptions:
             kind = type(getattr(cls, fields[key]))
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ConfigError(f"Flower run config: {key} must be {kind.__name__}, got {value!r}")
             kw[fields[key]] = value
         opts = cls(**kw)

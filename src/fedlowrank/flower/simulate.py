@@ -1,6 +1,7 @@
-"""`fedlowrank run ... --runtime flower`: each algorithm of a run config on Flower's simulation
-engine (Ray), one virtual SuperNode per client, into the same run directory layout as the
-in-process runtime (`out/` for one algorithm, `out/<algorithm>/` for several)."""
+"""`fedlowrank run ... --runtime flower`: every algorithm of a run config in one start of
+Flower's simulation engine (Ray), one virtual SuperNode per client, into the same run directory
+layout as the in-process runtime (`out/` for one algorithm, `out/<algorithm>/` for several, with
+the comparison on top). `--resume` continues such a run from its checkpoints."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ class _FlowerNoise(logging.Filter):
 
 
 def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus_per_client: float = 1.0,
-             verbose: bool = False, quiet: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """Run every algorithm of `config` (a preset or a .toml path, plus `--set` overrides).
-    Without `verbose`, Flower's debug lines and its deprecation notice are filtered out; with
-    `quiet`, the ServerApp's per-round lines too."""
+             verbose: bool = False, quiet: bool = False, resume: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Run every algorithm of `config` (a preset or a .toml path, plus `--set` overrides) in one
+    start of Flower's simulation engine. With `resume`, continue the run in `out` (its saved
+    config.toml; `config` and `overrides` must be empty). Without `verbose`, Flower's debug lines
+    and its deprecation notice are filtered out; with `quiet`, the ServerApp's per-round lines too."""
     import json
 
     from flwr.simulation import run_simulation
@@ -38,25 +40,28 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     from fedlowrank.flower.client_app import app as client_app
     from fedlowrank.flower.server_app import make_server_app
     from fedlowrank.runconfig import DEFAULT_PRESET, load_run_config
+    from fedlowrank.sim.rundir import RunDir
+    from fedlowrank.tasks import make_task
 
-    config = config or DEFAULT_PRESET
+    out = Path(out)
+    if resume:
+        if config or overrides:
+            raise ConfigError("resume takes the config saved in the run directory; give no config or --set")
+        if not (out / "config.toml").is_file():
+            raise FileNotFoundError(f"{out}: no config.toml; is this a run directory?")
+        config = str((out / "config.toml").resolve())
+    else:
+        config = config or DEFAULT_PRESET
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} already holds files; pass --resume to continue a run there")
     for item in overrides:
         if ";" in item:
             raise ConfigError(f"--set {item!r}: ';' cannot be used with --runtime flower")
     cfg, _ = load_run_config(config, overrides)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; the Flower runtime writes a new run directory")
-    from fedlowrank.runconfig import dump_toml
-    from fedlowrank.sim.experiment import write_comparison
-    from fedlowrank.sim.rundir import RunDir, atomic_write
-    from fedlowrank.tasks import make_task
-
     # one SuperNode per client: the task says how many (lm-domains, shakespeare and causal-lm
-    # count their clients from their data, not from a num_clients field)
+    # count their clients from their data, not from a num_clients field); a bad task fails here,
+    # before anything is written or started
     clients = make_task(cfg.task_name, cfg.task, cfg.seed).build().num_clients
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.toml", dump_toml(cfg.to_mapping()))
     # Flower logs to the "flwr" logger and its handlers; the filter sits on both for this call only
     flwr_log = logging.getLogger("flwr")
     filtered = [] if verbose else [flwr_log, *flwr_log.handlers]
@@ -64,27 +69,28 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     for f in filtered:
         f.addFilter(noise)
     cpus = max(1, os.cpu_count() or 1)
-    summaries, series = [], []
+    opts = {"config": config, "set": ";".join(overrides), "out-dir": str(out), "resume": resume,
+            "log-level": "DEBUG" if verbose else "WARNING" if quiet else "INFO"}  # fmt: skip
+    errors: list[BaseException] = []
     try:
-        for algorithm in cfg.algorithms:
-            rd = out / algorithm if len(cfg.algorithms) > 1 else out
-            opts = {"config": config, "algorithm": algorithm, "set": ";".join(overrides), "out-dir": str(rd),
-                    "log-level": "DEBUG" if verbose else "WARNING" if quiet else "INFO"}
-            run_simulation(
-                make_server_app(opts), client_app, num_supernodes=clients, verbose_logging=verbose,
-                backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                                # the actors' own log lines reach the terminal only with --verbose
-                                # (a client's failure is in events.log either way)
-                                "init_args": {"num_cpus": cpus, "num_gpus": 0, "log_to_driver": verbose}},
-            )  # fmt: skip
-            summary_path = rd / "summary.json"
-            if not summary_path.exists():
-                raise RuntimeError(f"the Flower run of {algorithm} did not finish; see the log above and {rd / 'events.log'}")
-            summaries.append(json.loads(summary_path.read_text()))
-            series.append((algorithm, RunDir(rd).read_metrics()))
+        run_simulation(
+            make_server_app(opts, errors), client_app, num_supernodes=clients, verbose_logging=verbose,
+            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                            # the actors' own log lines reach the terminal only with --verbose
+                            # (a client's failure is in events.log either way)
+                            "init_args": {"num_cpus": cpus, "num_gpus": 0, "log_to_driver": verbose}},
+        )  # fmt: skip
     finally:
         for f in filtered:
             f.removeFilter(noise)
-    if len(cfg.algorithms) > 1:
-        write_comparison(out, cfg, summaries, series)
+    if errors:  # the ServerApp's own failure (a config error, nothing trained, ...), as in-process
+        raise errors[0]
+    many = len(cfg.algorithms) > 1
+    summaries = []
+    for algorithm in cfg.algorithms:
+        rd = RunDir(out / algorithm if many else out)
+        if not rd.summary_json.exists():
+            raise RuntimeError(f"the Flower run of {algorithm} did not finish; see the log above and {rd.events}; "
+                               f"continue with: fedlowrank run --resume {out} --runtime flower")  # fmt: skip
+        summaries.append(json.loads(rd.summary_json.read_text()))
     return summaries

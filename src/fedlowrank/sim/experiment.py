@@ -30,12 +30,17 @@ from fedlowrank.runconfig import RunConfig, dump_toml, parse_run_config
 from fedlowrank.sim.export import ADAPTER_DIR, has_adapter, save_snapshot, write_adapters
 from fedlowrank.sim.report import markdown_table, plot_curves, summarize
 from fedlowrank.sim.rundir import RunDir, atomic_write
+from fedlowrank.protocol.server import RoundServer
+from fedlowrank.protocol.transport import Transport
 from fedlowrank.sim.runtime import Channel, SimState, Simulation
 from fedlowrank.tasks import make_task
 
 __all__ = ["TrainingFailed", "record_round", "finish_run", "write_comparison", "run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
 
 log = logging.getLogger("fedlowrank.sim")
+
+
+TransportFor = Callable[[str], Callable[[RoundServer], Transport]]  # algorithm -> transport factory
 
 
 class Progress(Protocol):
@@ -98,6 +103,8 @@ def _run_one(
     resume: bool,
     progress: Progress | None,
     channel: Channel | None,
+    transport: TransportFor | None,
+    runtime_note: str,
 ) -> dict[str, Any]:
     alg = cfg.make_algorithm(algorithm)
     meta = {"algorithm": algorithm, "config": dump_toml(cfg.to_mapping())}
@@ -123,14 +130,15 @@ def _run_one(
     handler = rd.log_handler()
     log.addHandler(handler)
     try:
-        sim = Simulation(task, alg, cfg.sim, seed=cfg.seed, channel=channel, on_round=on_round)
+        sim = Simulation(task, alg, cfg.sim, seed=cfg.seed, channel=channel, on_round=on_round,
+                         transport=transport(algorithm) if transport is not None else None)  # fmt: skip
         if progress is not None:
             progress.start(algorithm, cfg.sim.rounds, start.round if start else 0)
         sim.run(resume_from=start)
     finally:
         log.removeHandler(handler)
         handler.close()
-    summary = finish_run(rd, cfg, algorithm, task, sim.state)
+    summary = finish_run(rd, cfg, algorithm, task, sim.state, runtime_note)
     if progress is not None:
         progress.finish(algorithm, summary)
     return summary
@@ -143,8 +151,12 @@ def run_experiment(
     progress: Progress | None = None,
     channel: Channel | None = None,
     on_task_built: Callable[[float], None] | None = None,
+    transport: TransportFor | None = None,
+    runtime_note: str = "",
 ) -> list[dict[str, Any]]:
-    """Run every algorithm of `cfg` into `out`; returns their summaries (config order)."""
+    """Run every algorithm of `cfg` into `out`; returns their summaries (config order).
+    `transport(algorithm)` gives the transport factory of another runtime (Flower's ServerApp
+    passes one); by default clients are in this process."""
     out = Path(out)
     if not resume and (out / "config.toml").exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it")
@@ -169,7 +181,7 @@ def run_experiment(
             if many:
                 rd.create()
                 atomic_write(rd.config, dump_toml({**cfg.to_mapping(), "algorithms": [algorithm]}))
-            summary = _run_one(cfg, task, algorithm, rd, resume, progress, channel)
+            summary = _run_one(cfg, task, algorithm, rd, resume, progress, channel, transport, runtime_note)
         summaries.append(summary)
         series.append((algorithm, rd.read_metrics()))
     if many:

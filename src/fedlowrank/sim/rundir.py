@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fedlowrank.files import atomic_write  # re-exported
-from fedlowrank.sim.runtime import SimState
+from fedlowrank.protocol.state import SimState
 
 __all__ = ["RunDir", "atomic_write", "CHECKPOINT_FORMAT"]
 
