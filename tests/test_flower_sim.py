@@ -20,41 +20,36 @@ SET = ["task.num_clients=4", "sim.rounds=2", "sim.fraction=0.5", "sim.eval_every
 BYTES = ("upload_bytes", "download_bytes", "upload_bound_bytes", "download_bound_bytes", "broadcast_bytes")
 
 
-# fedsrd-plus: rebalancing (full-state catch-ups at rounds 8 and 9 must not rebalance again) and
-# client error feedback (its remainder lives in the SuperNode's context) on one client a round
-PLUS_SET = ["task.num_clients=4", "sim.rounds=10", "sim.fraction=0.25", "sim.eval_every=5",
-            "algorithm.fedsrd-plus.upload_feedback=true"]
+ALL = ["fedsrd", "fedsrd-e", "fedsrd-plus", "fedsrd-e-plus", "fedavg", "fedprox", "ffa-lora", "flexlora", "fed-dare",
+       "fedavg-magnitude", "fedavg-importance", "fedper", "fedsa-lora", "plus-ef"]
 
 
-# FedSA-LoRA: B stays on the SuperNodes (Flower evaluates globally: per-client evaluation is not
-# built there yet). Client error feedback runs in the fedsrd-plus case (PLUS_SET).
-SA_SET = [*SET, "sim.evaluation=global", "sim.rounds=3"]
+def _config(path, task: str, algorithms: list[str], sim: str, extra: str = "") -> str:
+    names = ", ".join(f'"{a}"' for a in algorithms)
+    path.write_text(f'name = "eq"\nalgorithms = [{names}]\n[task]\nname = "digits"\n{task}\n[sim]\n{sim}\n{extra}')
+    return str(path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm,overrides,catchup", [
-    ("fedsrd", SET, "deltas"), ("fedsrd-plus", PLUS_SET, "state"), ("fedsa-lora", SA_SET, "deltas"),
-])  # fmt: skip
-def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path, algorithm, overrides, catchup):
-    from flwr.simulation import run_simulation
+# Every algorithm, in ONE start of the simulation engine (the ServerApp runs them in turn):
+# 4 clients, 2 a round, so round 2 has catch-ups. FedPer and FedSA-LoRA keep keys on the nodes and
+# are evaluated per client there; plus-ef is fedsrd-plus with client error feedback (its remainder
+# lives in the SuperNode's context). The pFedPara model (W2 factors local) runs as the second case.
+# fedsrd-plus rebalances: a full-state catch-up must not rebalance again (10 rounds, 1 client a
+# round, reach the state catch-ups).
+CASES = {
+    "lora-every-algorithm": ("mode = \"lora\"\nnum_clients = 4", ALL,
+                             "rounds = 2\nfraction = 0.5\neval_every = 1",
+                             "[algorithm.plus-ef]\nbase = \"fedsrd-plus\"\nupload_feedback = true\n"),
+    "pfedpara-and-state-catch-ups": ("mode = \"pfedpara\"\nnum_clients = 4", ["fedavg", "fedsrd-plus"],
+                                     "rounds = 10\nfraction = 0.25\neval_every = 5", ""),
+}  # fmt: skip
 
-    from fedlowrank.flower.client_app import app as client_app
-    from fedlowrank.flower.server_app import make_server_app
 
-    opts = {"config": "digits-all", "algorithm": algorithm, "set": ";".join(overrides),
-            "out-dir": str(tmp_path / "flower"), "round-timeout": 60.0}  # fmt: skip
-    run_simulation(
-        make_server_app(opts), client_app, num_supernodes=4,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
-    )  # fmt: skip
-    cfg, _ = load_run_config("digits-all", overrides)
-    run_experiment(dataclasses.replace(cfg, algorithms=(algorithm,)), tmp_path / "inproc")
-
-    flower, inproc = RunDir(tmp_path / "flower"), RunDir(tmp_path / "inproc")
-    fr, ir = flower.read_metrics(), inproc.read_metrics()
-    rounds = list(range(1, cfg.sim.rounds + 1))
-    assert [r["round"] for r in fr] == rounds and [r["round"] for r in ir] == rounds
+def _compare(fr: list[dict], ir: list[dict]) -> None:
+    """Flower's metrics equal the in-process ones: clients, bytes per round and client, evaluation."""
+    assert [r["round"] for r in fr] == [r["round"] for r in ir]
     for f, i in zip(fr, ir, strict=True):
+        assert f["runtime"] == "flower" and i["runtime"] == "in-process"
         assert f["clients"] == i["clients"] and f["accepted"] == i["accepted"] == len(i["clients"])
         assert f["dropped"] == i["dropped"] == []
         for key in BYTES:
@@ -62,15 +57,84 @@ def test_fedsrd_on_flower_simulation_equals_the_in_process_runtime(tmp_path, alg
         for fc, ic in zip(f["per_client"], i["per_client"], strict=True):
             assert (fc["client"], fc["catchup"], fc["upload_bytes"], fc["download_bytes"]) == (
                 ic["client"], ic["catchup"], ic["upload_bytes"], ic["download_bytes"])  # fmt: skip
+        assert ("eval" in f) == ("eval" in i)
         if "eval" in i:
             assert f["eval"]["accuracy"] == pytest.approx(i["eval"]["accuracy"])
-        assert f["diagnostics"] == pytest.approx(i["diagnostics"], rel=1e-5, abs=1e-7)
-    assert any(c["catchup"] == catchup for r in fr for c in r["per_client"])  # the catch-up path ran
-    fs, is_ = flower.load_checkpoint()[0].global_state, inproc.load_checkpoint()[0].global_state
-    assert fs.keys() == is_.keys()
+            assert f["eval"].get("clients") == i["eval"].get("clients")
+        assert f.get("diagnostics", {}) == pytest.approx(i.get("diagnostics", {}), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_algorithm_on_flower_simulation_equals_the_in_process_runtime(tmp_path, case):
+    from fedlowrank.flower.simulate import simulate
+    from fedlowrank.runconfig import load_run_config
+
+    task, algorithms, sim, extra = CASES[case]
+    config = _config(tmp_path / "eq.toml", task, algorithms, sim, extra)
+    simulate(config, [], tmp_path / "flower", quiet=True)
+    cfg, _ = load_run_config(config, [])
+    run_experiment(cfg, tmp_path / "inproc")
+    catchups = set()
+    for alg in algorithms:
+        flower, inproc = RunDir(tmp_path / "flower" / alg), RunDir(tmp_path / "inproc" / alg)
+        fr, ir = flower.read_metrics(), inproc.read_metrics()
+        _compare(fr, ir)
+        catchups |= {c["catchup"] for r in fr for c in r["per_client"]}
+        personal = [r["eval"] for r in fr if "eval" in r and "clients" in r["eval"]]
+        if alg in ("fedper", "fedsa-lora") or "pfedpara" in task:  # evaluated per client, on the nodes
+            assert personal and all(e["clients"] == 4 for e in personal), alg
+            assert any("eval_download_bytes" in r for r in fr), alg  # nodes behind were brought up to date
+        else:
+            assert not personal, alg
+        fs, is_ = flower.load_checkpoint()[0].global_state, inproc.load_checkpoint()[0].global_state
+        assert fs.keys() == is_.keys()
+        for k in fs:
+            torch.testing.assert_close(fs[k], is_[k], rtol=1e-6, atol=1e-7, msg=f"{alg} {k}")
+    assert catchups >= ({"deltas"} if case.startswith("lora") else {"state"})  # the catch-up paths ran
+    for name in ("config.toml", "summary.json", "summary.md", "curves.png"):
+        assert (tmp_path / "flower" / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_a_flower_run_killed_mid_way_resumes_to_the_in_process_result(tmp_path, monkeypatch):
+    """Killed after fedsrd's round 2 (fedavg done): --resume skips fedavg, continues fedsrd at round
+    3 on fresh SuperNodes, which say they hold round 0 and are sent what they miss."""
+    from fedlowrank.cli import main
+    from fedlowrank.sim import experiment
+
+    config = _config(tmp_path / "kill.toml", "mode = \"lora\"\nnum_clients = 4", ["fedavg", "fedsrd"],
+                     "rounds = 4\nfraction = 0.5\neval_every = 2")  # fmt: skip
+    real = experiment.record_round
+
+    def killed(rd, meta, task, record, state):
+        real(rd, meta, task, record, state)
+        if meta["algorithm"] == "fedsrd" and record["round"] == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does to the ServerApp
+
+    monkeypatch.setattr(experiment, "record_round", killed)
+    out = tmp_path / "flower"
+    assert main(["run", config, "--out", str(out), "--runtime", "flower", "--quiet"]) == 130
+    assert len(RunDir(out / "fedsrd").read_metrics()) == 2 and not (out / "fedsrd" / "summary.json").exists()
+    monkeypatch.setattr(experiment, "record_round", real)
+    assert main(["run", "--resume", str(out), "--runtime", "flower", "--quiet"]) == 0
+    cfg, _ = load_run_config(config, [])
+    run_experiment(cfg, tmp_path / "inproc")
+    _compare(RunDir(out / "fedavg").read_metrics(), RunDir(tmp_path / "inproc" / "fedavg").read_metrics())
+    fr, ir = RunDir(out / "fedsrd").read_metrics(), RunDir(tmp_path / "inproc" / "fedsrd").read_metrics()
+    assert [r["round"] for r in fr] == [1, 2, 3, 4]
+    _compare(fr[:2], ir[:2])
+    for f, i in zip(fr[2:], ir[2:], strict=True):  # the same training; fresh nodes cost extra catch-up bytes
+        assert f["clients"] == i["clients"] and f["upload_bytes"] == i["upload_bytes"]
+        assert f["download_bytes"] >= i["download_bytes"]
+        if "eval" in i:
+            assert f["eval"]["accuracy"] == pytest.approx(i["eval"]["accuracy"])
+    assert fr[2]["download_bytes"] > ir[2]["download_bytes"]
+    fs = RunDir(out / "fedsrd").load_checkpoint()[0].global_state
+    is_ = RunDir(tmp_path / "inproc" / "fedsrd").load_checkpoint()[0].global_state
     for k in fs:
         torch.testing.assert_close(fs[k], is_[k], rtol=1e-6, atol=1e-7)
-    assert flower.summary_json.exists() and (tmp_path / "flower" / "config.toml").exists()
+    assert (out / "summary.json").is_file() and (out / "fedsrd" / "summary.json").is_file()
 
 
 def test_codec_bytes_travel_in_an_array_of_our_own_stype():

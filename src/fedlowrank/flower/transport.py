@@ -150,7 +150,7 @@ class FlowerTransport:
                 holds = o.base  # it did not take the catch-up (or we cannot know): send it again
                 if reply is not None and not reply.has_error() and "holds" in reply.content["result"]:
                     holds = int(reply.content["result"]["holds"])
-                out[o.client] = TrainResult(o.client, holds=holds, error=why)
+                out[o.client] = TrainResult(o.client, holds=holds, error=why, node_id=self.nodes.get(o.client))
                 continue
             m = reply.content["metrics"]
             [data] = unpack(reply.content["up"])
@@ -158,7 +158,7 @@ class FlowerTransport:
                 o.client, holds=round - 1, upload=data, bound_bytes=float(m["upload_bound_bytes"]),
                 train_loss=float(m["train_loss"]), train_seconds=float(m["train_seconds"]),
                 encode_seconds=float(m["encode_seconds"]), num_samples=int(m["num_samples"]),
-                diagnostics={k: float(m[k]) for k in CLIENT_DIAGNOSTICS if k in m},
+                diagnostics={k: float(m[k]) for k in CLIENT_DIAGNOSTICS if k in m}, node_id=self.nodes[o.client],
             )  # fmt: skip
         return out
 

@@ -76,6 +76,7 @@ class TrainResult:
     num_samples: int = 0
     diagnostics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    node_id: int | None = None  # Flower: the SuperNode that answered
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class ClientRound:
         self.status, self.reason = status, reason
 
     def trained(self, result: TrainResult) -> None:
+        """Fill in what the client's successful training reported."""
         self.train_loss, self.train_seconds = result.train_loss, result.train_seconds
         self.encode_seconds, self.num_samples = result.encode_seconds, result.num_samples
         self.diagnostics = dict(result.diagnostics)

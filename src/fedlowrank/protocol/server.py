@@ -164,6 +164,8 @@ class RoundServer:
         accepted: list[int] = []
         for order in orders:  # in client order, whatever order the results came in
             i, rec, res = order.client, records[order.client], results.get(order.client)
+            if res is not None:
+                rec.node_id = res.node_id
             if res is None or res.error:
                 st.versions[i] = order.base if res is None else res.holds
                 self._leave_out(t, rec, "failed", "no result" if res is None else res.error)
