@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from fedlowrank.runconfig import load_run_config
-from fedlowrank.sim.experiment import run_experiment
-from fedlowrank.sim.rundir import RunDir
+from fedlowrank.runs.experiment import run_experiment
+from fedlowrank.runs.rundir import RunDir
 from fedlowrank.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]

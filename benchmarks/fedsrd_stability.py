@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlowrank.runconfig import parse_run_config, preset_dirs
-from fedlowrank.sim.experiment import run_experiment
-from fedlowrank.sim.rundir import RunDir
+from fedlowrank.runs.experiment import run_experiment
+from fedlowrank.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "results" / "fedsrd-stability"

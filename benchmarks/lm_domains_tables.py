@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 from fedlowrank.runconfig import load_run_config
-from fedlowrank.sim.experiment import run_experiment
-from fedlowrank.sim.report import plot_curves
-from fedlowrank.sim.rundir import RunDir
+from fedlowrank.runs.experiment import run_experiment
+from fedlowrank.runs.report import plot_curves
+from fedlowrank.runs.rundir import RunDir
 from fedlowrank.tasks import make_task
 
 PRESET = "lm-domains-fedsrd-tables"

@@ -209,7 +209,7 @@ def test_default_preset_runs_end_to_end_shortened(tmp_path, monkeypatch, capsys)
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    import fedlowrank.sim.experiment as experiment
+    import fedlowrank.runs.experiment as experiment
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -640,3 +640,19 @@ def test_auto_positions_pick_the_smaller_of_golomb_and_dense():
     assert len(data) < len(encode_payload(p, positions="golomb"))
     out = decode_payload(data, {"a": (64, 32), "b": (64, 32)})
     assert torch.equal(out.tensors["a"], dense_t) and torch.equal(out.tensors["b"], sparse_t)
+
+
+def test_a_zero_dimension_does_not_hide_huge_others():
+    """Found by the fuzz test: a shape like (0, 60000, 60000, 60000) has no elements, but numpy
+    refuses it with a ValueError; the decoder must say PayloadError before that."""
+    from fedlowrank.codec import _put_varint
+
+    empty = encode_tensor(torch.zeros(0, 5), "dense")
+    decode_tensor(empty)  # the honest zero-size record decodes
+    bad = bytearray(empty[:1])  # the same record tag (dense, fp32)
+    for v in (4, 0, 60000, 60000, 60000):  # ndim, then the dimensions
+        _put_varint(bad, v)
+    bad += empty[4:]  # whatever followed the honest shape (tag, ndim 2, 0, 5)
+    with pytest.raises(PayloadError, match="max_elements"):
+        decode_tensor(bytes(bad), max_elements=65536)
+

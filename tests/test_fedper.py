@@ -8,7 +8,7 @@ from fedlowrank.algorithms.fedper import FedPer, match_local
 from fedlowrank.config import ConfigError
 from fedlowrank.runconfig import parse_run_config
 from fedlowrank.sim import SimConfig, Simulation
-from fedlowrank.sim.experiment import run_experiment
+from fedlowrank.runs.experiment import run_experiment
 from fedlowrank.tasks import make_task
 
 

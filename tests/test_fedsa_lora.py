@@ -10,8 +10,8 @@ from fedlowrank.codec import decode_payload
 from fedlowrank.config import ConfigError
 from fedlowrank.protocol import ClientHeld
 from fedlowrank.sim import SimConfig, Simulation
-from fedlowrank.sim.experiment import run_experiment
-from fedlowrank.sim.rundir import RunDir
+from fedlowrank.runs.experiment import run_experiment
+from fedlowrank.runs.rundir import RunDir
 from fedlowrank.runconfig import parse_run_config
 from fedlowrank.tasks import make_task
 

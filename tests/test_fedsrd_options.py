@@ -17,8 +17,8 @@ from fedlowrank.config import ConfigError
 from fedlowrank.payload import Payload
 from fedlowrank.runconfig import parse_run_config
 from fedlowrank.sim import Channel, SimConfig, Simulation
-from fedlowrank.sim.experiment import run_experiment
-from fedlowrank.sim.rundir import RunDir
+from fedlowrank.runs.experiment import run_experiment
+from fedlowrank.runs.rundir import RunDir
 from fedlowrank.sparsify import importance_sample, keep_count, sampling_probabilities
 from fedlowrank.tasks import make_task
 

@@ -17,8 +17,8 @@ import torch
 from fedlowrank.algorithms import ALGORITHMS, make_algorithm
 from fedlowrank.runconfig import dump_toml, parse_run_config
 from fedlowrank.sim import Channel, SimConfig, Simulation
-from fedlowrank.sim.experiment import load_saved_config, run_experiment
-from fedlowrank.sim.rundir import RunDir
+from fedlowrank.runs.experiment import load_saved_config, run_experiment
+from fedlowrank.runs.rundir import RunDir
 from fedlowrank.tasks import make_task
 from fedlowrank.tasks.digits import DigitsTask
 

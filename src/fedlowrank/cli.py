@@ -156,7 +156,7 @@ def _summary_table(summaries: list[dict[str, Any]], labels: list[str], title: st
 
 def _cmd_run(args, console) -> int:
     from fedlowrank.runconfig import load_run_config
-    from fedlowrank.sim.experiment import default_out_dir, load_saved_config, run_experiment
+    from fedlowrank.runs.experiment import default_out_dir, load_saved_config, run_experiment
 
     if args.resume is not None:
         if args.config or args.overrides or args.out:
@@ -231,8 +231,8 @@ def _cmd_list(console) -> int:
 
 
 def _cmd_report(args, console) -> int:
-    from fedlowrank.sim.report import label_runs, markdown_table, plot_curves, summarize
-    from fedlowrank.sim.rundir import RunDir, atomic_write, find_runs
+    from fedlowrank.runs.report import label_runs, markdown_table, plot_curves, summarize
+    from fedlowrank.runs.rundir import RunDir, atomic_write, find_runs
 
     runs = find_runs(args.dirs)
     summaries, records = [], []
@@ -260,7 +260,7 @@ def _cmd_report(args, console) -> int:
 
 
 def _cmd_export(args, console) -> int:
-    from fedlowrank.sim.export import export_run
+    from fedlowrank.runs.export import export_run
 
     got = export_run(args.run, args.out, merged=args.merged, round=args.round, algorithm=args.algorithm)
     what = "merged model" if got["merged"] else "adapter"
@@ -270,7 +270,7 @@ def _cmd_export(args, console) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from fedlowrank.sim.export import load_run_state
+    from fedlowrank.runs.export import load_run_state
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")

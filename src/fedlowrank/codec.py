@@ -347,11 +347,12 @@ def _read_record(
     ndim = r.varint("ndim")
     if ndim > MAX_NDIM:
         raise PayloadError(f"ndim {ndim} above {MAX_NDIM}")
-    shape, n = [], 1
+    shape, n, span = [], 1, 1
     for i in range(ndim):
         d = r.varint(f"dimension {i}")
         n *= d  # Python int: no overflow; checked against the limits at every step
-        if d > limits.max_elements or n > limits.max_elements:
+        span *= max(d, 1)  # a zero dimension must not hide huge others (numpy refuses such shapes)
+        if d > limits.max_elements or span > limits.max_elements:
             raise PayloadError(f"shape declares more than max_elements = {limits.max_elements} elements")
         shape.append(d)
     shape = tuple(shape)

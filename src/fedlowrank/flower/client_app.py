@@ -14,7 +14,6 @@ is lost with the node; the server learns that from the round the node says it ho
 from __future__ import annotations
 
 import logging
-import time
 import tomllib
 import traceback
 
@@ -36,6 +35,7 @@ log = logging.getLogger("fedlowrank.flower")
 app = ClientApp()
 
 _WORKERS: dict[tuple[str, str], tuple[ClientWorker, int]] = {}  # a ClientApp process serves many messages
+_TASKS: dict[str, object] = {}  # the built task of the run config (shared by its algorithms, as in-process)
 
 
 def _worker(msg: Message) -> tuple[ClientWorker, int]:
@@ -44,9 +44,12 @@ def _worker(msg: Message) -> tuple[ClientWorker, int]:
     key = (str(cfg_rec["run-config"]), str(cfg_rec["algorithm"]))
     if key not in _WORKERS:
         cfg = parse_run_config(tomllib.loads(key[0]))
-        task = make_task(cfg.task_name, cfg.task, cfg.seed).build()
+        if key[0] not in _TASKS:
+            _TASKS.clear()  # one run at a time per process
+            _TASKS[key[0]] = make_task(cfg.task_name, cfg.task, cfg.seed).build()
+        task = _TASKS[key[0]]
         setup = RunSetup.of(task, cfg.make_algorithm(key[1]), cfg.seed)
-        _WORKERS.clear()  # one run at a time per process
+        _WORKERS.clear()
         _WORKERS[key] = (ClientWorker(task, setup, cfg.sim, cfg.seed), cfg.sim.threads or task.default_threads)
     return _WORKERS[key]
 

@@ -1,5 +1,5 @@
 """The Flower ServerApp: the one round protocol (`fedlowrank.protocol.server`) and the one run
-orchestration (`fedlowrank.sim.experiment.run_experiment`), with clients on SuperNodes reached
+orchestration (`fedlowrank.runs.experiment.run_experiment`), with clients on SuperNodes reached
 through `fedlowrank.flower.transport.FlowerTransport`.
 
 One ServerApp run executes every algorithm of the run config (or the one `algorithm` names)
@@ -22,9 +22,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlowrank.config import ConfigError
 from fedlowrank.flower.common import FlowerRunOptions
-from fedlowrank.flower.transport import FlowerTransport
+from fedlowrank.flower.transport import FlowerTransport, NodeDirectory
 from fedlowrank.runconfig import RunConfig, dump_toml, load_run_config
-from fedlowrank.sim.experiment import run_experiment
+from fedlowrank.runs.experiment import run_experiment
 
 __all__ = ["app", "make_server_app", "run_on_grid", "resolve"]
 
@@ -61,9 +61,15 @@ def run_on_grid(grid: Grid, opts: FlowerRunOptions) -> list[dict[str, Any]]:
     """The run config's algorithms on the nodes of `grid`, into a run directory; their summaries."""
     cfg, out = resolve(opts)
     text = dump_toml(cfg.to_mapping())  # what the ClientApps build their side from
+    directories: dict[int, NodeDirectory] = {}  # one per client count (one task: one entry)
 
     def transport(algorithm: str):
-        return lambda server: FlowerTransport(server, grid, text, algorithm, opts.round_timeout, opts.nodes_timeout)
+        def build(server):
+            n = server.task.num_clients
+            directory = directories.setdefault(n, NodeDirectory(grid, n))
+            return FlowerTransport(server, directory, text, algorithm, opts.round_timeout, opts.nodes_timeout)
+
+        return build
 
     summaries = run_experiment(cfg, out, resume=opts.resume, progress=_LogProgress(), transport=transport,
                                runtime_note=" (Flower)")  # fmt: skip

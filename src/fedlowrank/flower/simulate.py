@@ -40,7 +40,7 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     from fedlowrank.flower.client_app import app as client_app
     from fedlowrank.flower.server_app import make_server_app
     from fedlowrank.runconfig import DEFAULT_PRESET, load_run_config
-    from fedlowrank.sim.rundir import RunDir
+    from fedlowrank.runs.rundir import RunDir
     from fedlowrank.tasks import make_task
 
     out = Path(out)

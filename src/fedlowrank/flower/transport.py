@@ -32,80 +32,99 @@ from fedlowrank.protocol.messages import CLIENT_DIAGNOSTICS, EvalResult, TrainOr
 if TYPE_CHECKING:
     from fedlowrank.protocol.server import RoundServer
 
-__all__ = ["FlowerTransport"]
+__all__ = ["FlowerTransport", "NodeDirectory"]
 
 log = logging.getLogger("fedlowrank.sim")
+
+
+class NodeDirectory:
+    """Which SuperNode holds which data partition, shared by the transports of one ServerApp
+    run (every algorithm of the run): nodes are asked once, not once per algorithm."""
+
+    def __init__(self, grid: Grid, num_clients: int) -> None:
+        self.grid, self.num_clients = grid, num_clients
+        self.nodes: dict[int, int] = {}  # client id (partition) -> node id
+        self.asked: set[int] = set()  # node ids already asked for their partition
+        self.lost: set[int] = set()  # node ids that stopped answering
+
+    def live(self, client: int) -> bool:
+        return client in self.nodes and self.nodes[client] not in self.lost
+
+    def discover(self, config: ConfigRecord, wait: float = 0.0) -> dict[int, int]:
+        """Ask new nodes which partition they hold; wait up to `wait` s until every partition has
+        one. Returns {partition: the round its node holds of `config`'s algorithm} for nodes new now."""
+        n = self.num_clients
+        deadline = time.monotonic() + wait
+        joined: dict[int, int] = {}
+        while True:
+            present = set(self.grid.get_node_ids())
+            self.lost.update(i for i in self.nodes.values() if i not in present)  # gone from the SuperLink
+            new = [i for i in present if i not in self.asked]
+            if new:
+                msgs = [Message(RecordDict({"config": config}), dst_node_id=i, message_type="query.partition") for i in new]
+                for reply in self.grid.send_and_receive(msgs, timeout=max(5.0, deadline - time.monotonic())):
+                    joined.update(self._joined(reply, n))
+            if sum(self.live(p) for p in range(n)) == n or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        missing = [p for p in range(n) if p not in self.nodes]
+        if missing and wait:
+            log.warning("no SuperNode holds partition(s) %s: those clients will be left out when sampled", missing)
+        return joined
+
+    def _joined(self, reply: Message, n: int) -> dict[int, int]:
+        node = reply.metadata.src_node_id
+        self.asked.add(node)
+        if reply.has_error():
+            log.warning("node %d did not say its partition: %s", node, reply.error.reason)
+            return {}
+        rec = reply.content["result"]
+        p, of = int(rec["partition-id"]), int(rec["num-partitions"])
+        if not 0 <= p < n or of not in (-1, n):
+            log.warning("node %d holds partition %d of %d; the task has %d clients: ignored", node, p, of, n)
+        elif self.live(p):
+            log.warning("node %d and node %d both hold partition %d: keeping the first", self.nodes[p], node, p)
+        else:
+            self.nodes[p] = node
+            self.lost.discard(node)
+            return {p: int(rec["holds"]) if "holds" in rec else 0}
+        return {}
 
 
 class FlowerTransport:
     name = "flower"
 
-    def __init__(self, server: "RoundServer", grid: Grid, run_config: str, algorithm: str,
+    def __init__(self, server: "RoundServer", directory: NodeDirectory, run_config: str, algorithm: str,
                  round_timeout: float, nodes_timeout: float) -> None:  # fmt: skip
         self.num_clients = server.task.num_clients
-        self.grid, self.run_config, self.algorithm = grid, run_config, algorithm
+        if directory.num_clients != self.num_clients:
+            raise ValueError(f"the node directory is for {directory.num_clients} clients, the task has {self.num_clients}")
+        self.directory, self.grid = directory, directory.grid
+        self.run_config, self.algorithm = run_config, algorithm
         self.round_timeout = round_timeout
-        self.nodes: dict[int, int] = {}  # client id (partition) -> node id
-        self.asked: set[int] = set()  # node ids already asked for their partition
-        self.lost: set[int] = set()  # node ids that stopped answering
-        self.joined: dict[int, int] = {}  # client -> round it holds, for nodes new since connect()
-        self._discover(wait=nodes_timeout)
+        # context.state lives as long as a Flower run and each algorithm runs once in it: every
+        # node starts this algorithm holding nothing (round 0), after a resume too
+        self.joined = dict.fromkeys(range(self.num_clients), 0)
+        directory.discover(self._config(), wait=nodes_timeout)
+
+    @property
+    def nodes(self) -> dict[int, int]:
+        return self.directory.nodes
 
     # --- nodes --------------------------------------------------------------------------------
     def _config(self, **fields: Any) -> ConfigRecord:
         return ConfigRecord({"run-config": self.run_config, "algorithm": self.algorithm, **fields})
 
-    def _discover(self, wait: float = 0.0) -> None:
-        """Ask new nodes which partition they hold; wait up to `wait` s until every partition has one."""
-        n = self.num_clients
-        deadline = time.monotonic() + wait
-        while True:
-            new = [i for i in self.grid.get_node_ids() if i not in self.asked]
-            if new:
-                msgs = [Message(RecordDict({"config": self._config()}), dst_node_id=i, message_type="query.partition")
-                        for i in new]  # fmt: skip
-                for reply in self.grid.send_and_receive(msgs, timeout=max(5.0, deadline - time.monotonic())):
-                    self._joined(reply, n)
-            if len([p for p, i in self.nodes.items() if i not in self.lost]) == n or time.monotonic() >= deadline:
-                break
-            time.sleep(0.5)
-        missing = [p for p in range(n) if p not in self.nodes]
-        if missing and wait:
-            log.warning("no SuperNode holds partition(s) %s: those clients will be left out when sampled", missing)
-
-    def _joined(self, reply: Message, n: int) -> None:
-        node = reply.metadata.src_node_id
-        self.asked.add(node)
-        if reply.has_error():
-            log.warning("node %d did not say its partition: %s", node, reply.error.reason)
-            return
-        rec = reply.content["result"]
-        p, of = int(rec["partition-id"]), int(rec["num-partitions"])
-        if not 0 <= p < n or of not in (-1, n):
-            log.warning("node %d holds partition %d of %d; the task has %d clients: ignored", node, p, of, n)
-        elif p in self.nodes and self.nodes[p] not in self.lost:
-            log.warning("node %d and node %d both hold partition %d: keeping the first", self.nodes[p], node, p)
-        else:
-            self.nodes[p] = node
-            self.lost.discard(node)
-            self.joined[p] = int(rec["holds"]) if "holds" in rec else 0
-
     def _node_lost(self, client: int, why: str) -> str:
         node = self.nodes.get(client)
         if node is not None:
-            self.lost.add(node)
+            self.directory.lost.add(node)
         return f"node {node} (partition {client}) lost: {why}" if node is not None else f"no SuperNode holds partition {client}"
 
     def connect(self, round: int, clients: list[int]) -> tuple[dict[int, str], dict[int, int]]:
-        live = set(self.grid.get_node_ids())
-        for node in [i for i in self.nodes.values() if i not in live]:
-            self.lost.add(node)
-        self._discover()  # a SuperNode started (or restarted) since the last round
-        out = {}
-        for i in clients:
-            node = self.nodes.get(i)
-            if node is None or node in self.lost:
-                out[i] = self._node_lost(i, "it stopped answering earlier")
+        for p, v in self.directory.discover(self._config()).items():  # SuperNodes (re)started since
+            self.joined[p] = min(v, self.joined.get(p, v))
+        out = {i: self._node_lost(i, "it stopped answering earlier") for i in clients if not self.directory.live(i)}
         joined, self.joined = self.joined, {}
         return out, joined
 
@@ -118,11 +137,13 @@ class FlowerTransport:
             ids[mid] = client
         got: dict[int, Message] = {}
         deadline = time.monotonic() + self.round_timeout
+        wait = 0.005  # replies often come within milliseconds; back off to 0.1 s for slow rounds
         while len(got) < len(ids) and time.monotonic() < deadline:
             for reply in self.grid.pull_messages([m for m, c in ids.items() if c not in got]):
                 got[ids[reply.metadata.reply_to_message_id]] = reply
             if len(got) < len(ids):
-                time.sleep(0.1)
+                time.sleep(wait)
+                wait = min(0.1, wait * 1.5)
         return {c: got.get(c) for c in contents}
 
     def _failure(self, client: int, reply: Message | None) -> str | None:
@@ -175,7 +196,7 @@ class FlowerTransport:
         return out
 
     def evaluate(self, round: int, clients: list[int], order: Callable[[int], TrainOrder]) -> dict[int, EvalResult]:
-        reachable = [i for i in clients if i in self.nodes and self.nodes[i] not in self.lost]
+        reachable = [i for i in clients if self.directory.live(i)]
         orders = {i: order(i) for i in reachable}
         replies = self._send("evaluate", {i: self._order_content(o) for i, o in orders.items()})
         out = {}

@@ -6,7 +6,7 @@ Layout of `out/`:
     <algorithm>/             one per algorithm (just `out/` itself when only one is listed)
         metrics.jsonl        one JSON object per round
         checkpoint.pt        the state after the last complete round (atomic)
-        adapter/             the final global PEFT adapter (tasks with one; sim/export.py)
+        adapter/             the final global PEFT adapter (tasks with one; runs/export.py)
         states/              the state of every evaluated round (tasks with an adapter)
         events.log           clients left out and why
         summary.json, summary.md, curves.png
@@ -27,12 +27,12 @@ from typing import Any, Protocol
 
 from fedlowrank.errors import TrainingFailed
 from fedlowrank.runconfig import RunConfig, dump_toml, parse_run_config
-from fedlowrank.sim.export import ADAPTER_DIR, has_adapter, save_snapshot, write_adapters
-from fedlowrank.sim.report import markdown_table, plot_curves, summarize
-from fedlowrank.sim.rundir import RunDir, atomic_write
+from fedlowrank.runs.export import ADAPTER_DIR, has_adapter, save_snapshot, write_adapters
+from fedlowrank.runs.report import markdown_table, plot_curves, summarize
+from fedlowrank.runs.rundir import RunDir, atomic_write
 from fedlowrank.protocol.server import RoundServer
-from fedlowrank.protocol.transport import Transport
-from fedlowrank.sim.runtime import Channel, SimState, Simulation
+from fedlowrank.protocol.state import SimState
+from fedlowrank.protocol.transport import Channel, InProcessTransport, Transport
 from fedlowrank.tasks import make_task
 
 __all__ = ["TrainingFailed", "record_round", "finish_run", "write_comparison", "run_experiment", "write_run_summary", "Progress", "load_saved_config", "default_out_dir"]
@@ -130,8 +130,8 @@ def _run_one(
     handler = rd.log_handler()
     log.addHandler(handler)
     try:
-        sim = Simulation(task, alg, cfg.sim, seed=cfg.seed, channel=channel, on_round=on_round,
-                         transport=transport(algorithm) if transport is not None else None)  # fmt: skip
+        make = transport(algorithm) if transport is not None else (lambda server: InProcessTransport(server, channel))
+        sim = RoundServer(task, alg, cfg.sim, cfg.seed, make, on_round=on_round)
         if progress is not None:
             progress.start(algorithm, cfg.sim.rounds, start.round if start else 0)
         sim.run(resume_from=start)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedlowrank.sim.rundir import RunDir, atomic_write, find_runs
+from fedlowrank.runs.rundir import RunDir, atomic_write, find_runs
 
 __all__ = ["has_adapter", "save_snapshot", "snapshot_rounds", "write_adapters", "RunState", "load_run_state",
            "export_run", "ADAPTER_DIR"]  # fmt: skip
@@ -120,7 +120,7 @@ def _pick_run(run: Path, algorithm: str | None) -> RunDir:
 
 def load_run_state(run: Path | str, round: int | None = None, algorithm: str | None = None) -> RunState:
     """The state of a run (the latest complete round, or evaluated round `round`)."""
-    from fedlowrank.sim.experiment import load_saved_config
+    from fedlowrank.runs.experiment import load_saved_config
 
     rd = _pick_run(Path(run), algorithm)
     cfg = load_saved_config(rd.path if (rd.path / "config.toml").exists() else rd.path.parent)
