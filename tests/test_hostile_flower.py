@@ -18,6 +18,16 @@ from fedlowrank.runconfig import dump_toml, parse_run_config
 from fedlowrank.sim import Simulation
 
 N = 3
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """What a ServerApp run sets before the server code builds messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 HANDLERS = {"query.partition": client_app.partition, "train": client_app.train, "train.apply": client_app.apply,
             "evaluate": client_app.evaluate}  # fmt: skip
 
@@ -208,7 +218,7 @@ def test_a_partition_cannot_be_taken_over_and_a_contested_one_is_refused(caplog)
     grid.nodes[104] = LateClaim(104, 1)
     with caplog.at_level(logging.WARNING, logger="fedlowrank"):
         directory.discover(ConfigRecord({"run-config": dump_toml(cfg.to_mapping()), "algorithm": "fedavg"}))
-    assert directory.nodes[1] == 102 and "node 104" in caplog.text
+    assert directory.nodes[1] == 102 and "[104] claim partition 1, which node 102 holds: refused" in caplog.text
     # two nodes claiming one partition at once: neither gets it
     records = run([Node(101, 0), Node(102, 1), Node(105, 1), Node(103, 2)])
     assert all([d["client"] for d in r["dropped"]] == [1] for r in records)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedlowrank.flower.common import pack, unpack
+from fedlowrank.flower.common import pack
+from fedlowrank.flower.replies import MAX_TEXT, BadReply, ack_reply, eval_reply, partition_reply, train_reply
 from fedlowrank.protocol.messages import CLIENT_DIAGNOSTICS, EvalResult, TrainOrder, TrainResult
 
 if TYPE_CHECKING:
@@ -52,7 +53,11 @@ class NodeDirectory:
 
     def discover(self, config: ConfigRecord, wait: float = 0.0) -> dict[int, int]:
         """Ask new nodes which partition they hold; wait up to `wait` s until every partition has
-        one. Returns {partition: the round its node holds of `config`'s algorithm} for nodes new now."""
+        one. Returns {partition: the round its node holds of `config`'s algorithm} for nodes new now.
+
+        A partition is claimed once: while its node is live no other node can take it over; two
+        nodes claiming one free partition in the same answer batch are both refused (neither can
+        be told to be the honest one)."""
         n = self.num_clients
         deadline = time.monotonic() + wait
         joined: dict[int, int] = {}
@@ -62,8 +67,22 @@ class NodeDirectory:
             new = [i for i in present if i not in self.asked]
             if new:
                 msgs = [Message(RecordDict({"config": config}), dst_node_id=i, message_type="query.partition") for i in new]
+                claims: dict[int, list[tuple[int, int]]] = {}
                 for reply in self.grid.send_and_receive(msgs, timeout=max(5.0, deadline - time.monotonic())):
-                    joined.update(self._joined(reply, n))
+                    claim = self._claim(reply, set(new))
+                    if claim is not None:
+                        claims.setdefault(claim[0], []).append((reply.metadata.src_node_id, claim[1]))
+                for p, nodes in claims.items():
+                    if self.live(p):
+                        log.warning("node(s) %s claim partition %d, which node %d holds: refused",
+                                    [i for i, _ in nodes], p, self.nodes[p])  # fmt: skip
+                    elif len(nodes) > 1:
+                        log.warning("nodes %s all claim partition %d: none of them gets it", [i for i, _ in nodes], p)
+                    else:
+                        [(node, holds)] = nodes
+                        self.nodes[p] = node
+                        self.lost.discard(node)
+                        joined[p] = holds
             if sum(self.live(p) for p in range(n)) == n or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
@@ -72,23 +91,25 @@ class NodeDirectory:
             log.warning("no SuperNode holds partition(s) %s: those clients will be left out when sampled", missing)
         return joined
 
-    def _joined(self, reply: Message, n: int) -> dict[int, int]:
+    def _claim(self, reply: Message, asked: set[int]) -> tuple[int, int] | None:
+        """(partition, round held) that a `query.partition` reply claims, or None (logged)."""
         node = reply.metadata.src_node_id
+        if node not in asked:
+            log.warning("a partition reply came from node %d, which was not asked: ignored", node)
+            return None
         self.asked.add(node)
         if reply.has_error():
-            log.warning("node %d did not say its partition: %s", node, reply.error.reason)
-            return {}
-        rec = reply.content["result"]
-        p, of = int(rec["partition-id"]), int(rec["num-partitions"])
-        if not 0 <= p < n or of not in (-1, n):
-            log.warning("node %d holds partition %d of %d; the task has %d clients: ignored", node, p, of, n)
-        elif self.live(p):
-            log.warning("node %d and node %d both hold partition %d: keeping the first", self.nodes[p], node, p)
-        else:
-            self.nodes[p] = node
-            self.lost.discard(node)
-            return {p: int(rec["holds"]) if "holds" in rec else 0}
-        return {}
+            log.warning("node %d did not say its partition: %s", node, str(reply.error.reason)[:MAX_TEXT])
+            return None
+        try:
+            p, of, holds = partition_reply(reply, self.num_clients)
+        except BadReply as e:
+            log.warning("node %d: bad partition reply (%s): ignored", node, e)
+            return None
+        if of not in (-1, self.num_clients):
+            log.warning("node %d holds partition %d of %d; the task has %d clients: ignored", node, p, of, self.num_clients)
+            return None
+        return p, holds
 
 
 class FlowerTransport:
@@ -130,7 +151,8 @@ class FlowerTransport:
 
     # --- messages -----------------------------------------------------------------------------
     def _send(self, kind: str, contents: dict[int, RecordDict]) -> dict[int, Message | None]:
-        """One message per client; {client: its reply, None when none came within the timeout}."""
+        """One message per client; {client: its reply, None when none came within the timeout}.
+        A reply counts only if it comes from the node the message went to."""
         ids = {}
         for client, content in contents.items():
             [mid] = self.grid.push_messages([Message(content, dst_node_id=self.nodes[client], message_type=kind)])
@@ -140,20 +162,29 @@ class FlowerTransport:
         wait = 0.005  # replies often come within milliseconds; back off to 0.1 s for slow rounds
         while len(got) < len(ids) and time.monotonic() < deadline:
             for reply in self.grid.pull_messages([m for m, c in ids.items() if c not in got]):
-                got[ids[reply.metadata.reply_to_message_id]] = reply
+                client = ids.get(reply.metadata.reply_to_message_id)
+                if client is None or client in got:
+                    continue
+                if reply.metadata.src_node_id != self.nodes.get(client):
+                    log.warning("a reply to client %d's %s message came from node %d, not node %s: ignored",
+                                client, kind, reply.metadata.src_node_id, self.nodes.get(client))  # fmt: skip
+                    continue
+                got[client] = reply
             if len(got) < len(ids):
                 time.sleep(wait)
                 wait = min(0.1, wait * 1.5)
         return {c: got.get(c) for c in contents}
 
+    def _who(self, client: int) -> str:
+        return f"node {self.nodes.get(client)} (partition {client})"
+
     def _failure(self, client: int, reply: Message | None) -> str | None:
-        """Why `reply` is not a result (None when it is one); a silent or broken node is marked lost."""
+        """Why there is no usable reply (None when there is one); a silent node or one that
+        answers with a Flower error is marked lost."""
         if reply is None:
             return self._node_lost(client, f"no reply within {self.round_timeout:g} s")
         if reply.has_error():
-            return self._node_lost(client, f"Flower error {reply.error.code}: {reply.error.reason}")
-        if "result" in reply.content and "error" in reply.content["result"]:
-            return str(reply.content["result"]["error"])
+            return self._node_lost(client, f"Flower error {reply.error.code}: {str(reply.error.reason)[:MAX_TEXT]}")
         return None
 
     def _order_content(self, order: TrainOrder, **fields: Any) -> RecordDict:
@@ -165,21 +196,26 @@ class FlowerTransport:
         replies = self._send("train", {o.client: self._order_content(o) for o in orders})
         out = {}
         for o in orders:
-            reply = replies[o.client]
+            reply, node = replies[o.client], self.nodes.get(o.client)
             why = self._failure(o.client, reply)
-            if why is not None:
-                holds = o.base  # it did not take the catch-up (or we cannot know): send it again
-                if reply is not None and not reply.has_error() and "holds" in reply.content["result"]:
-                    holds = int(reply.content["result"]["holds"])
-                out[o.client] = TrainResult(o.client, holds=holds, error=why, node_id=self.nodes.get(o.client))
+            if why is not None:  # it did not take the catch-up (or we cannot know): send it again
+                out[o.client] = TrainResult(o.client, holds=o.base, error=why, node_id=node)
                 continue
-            m = reply.content["metrics"]
-            [data] = unpack(reply.content["up"])
+            try:
+                kind, got = train_reply(reply, round)
+            except BadReply as e:  # it may or may not hold the catch-up: the full state next time
+                out[o.client] = TrainResult(o.client, holds=-1, error=f"{self._who(o.client)}: bad reply: {e}", node_id=node)
+                continue
+            if kind == "error":
+                text, holds = got
+                out[o.client] = TrainResult(o.client, holds=o.base if holds is None else holds,
+                                            error=f"{self._who(o.client)}: {text}", node_id=node)  # fmt: skip
+                continue
+            data, m = got
             out[o.client] = TrainResult(
-                o.client, holds=round - 1, upload=data, bound_bytes=float(m["upload_bound_bytes"]),
-                train_loss=float(m["train_loss"]), train_seconds=float(m["train_seconds"]),
-                encode_seconds=float(m["encode_seconds"]), num_samples=int(m["num_samples"]),
-                diagnostics={k: float(m[k]) for k in CLIENT_DIAGNOSTICS if k in m}, node_id=self.nodes[o.client],
+                o.client, holds=round - 1, upload=data, bound_bytes=m["upload_bound_bytes"], train_loss=m["train_loss"],
+                train_seconds=m["train_seconds"], encode_seconds=m["encode_seconds"], num_samples=m["num_samples"],
+                diagnostics={k: m[k] for k in CLIENT_DIAGNOSTICS if k in m}, node_id=node,
             )  # fmt: skip
         return out
 
@@ -190,7 +226,14 @@ class FlowerTransport:
         out = {}
         for i, reply in replies.items():
             why = self._failure(i, reply)
-            if why is not None:
+            if why is None:
+                try:
+                    why = ack_reply(reply, round)
+                except BadReply as e:
+                    why = f"bad reply: {e}"
+                if why is not None:
+                    why = f"{self._who(i)}: {why}"
+            if why is not None:  # it may hold anything: lost until it is discovered again
                 self._node_lost(i, "the broadcast was not acknowledged")
                 out[i] = why
         return out
@@ -202,9 +245,17 @@ class FlowerTransport:
         out = {}
         for i, reply in replies.items():
             why = self._failure(i, reply)
-            if why is not None:
-                log.warning("round %d: client %d not evaluated: %s", round, i, why)
+            got = None
+            if why is None:
+                try:
+                    got = eval_reply(reply, round)
+                except BadReply as e:
+                    why = f"bad reply: {e}"
+                if isinstance(got, str):
+                    why, got = got, None
+            if got is None:
+                log.warning("round %d: client %d not evaluated: %s: %s", round, i, self._who(i), why)
                 continue
-            m = reply.content["metrics"]
-            out[i] = EvalResult(i, float(m["accuracy"]), float(m["loss"]), int(m["samples"]), orders[i].download_bytes)
+            accuracy, loss, samples = got
+            out[i] = EvalResult(i, accuracy, loss, samples, orders[i].download_bytes)
         return out

@@ -171,11 +171,15 @@ class RoundServer:
                 self._leave_out(t, rec, "failed", "no result" if res is None else res.error)
                 continue
             rec.trained(res)
+            known = self.task.num_samples(i)  # the weight is what the server knows, never a claim
+            if res.num_samples != known:
+                self._leave_out(t, rec, "rejected", f"claims {res.num_samples} training samples; its partition has {known}")
+                continue
             got, seconds = self._accept_upload(t, rec, res.upload)
             server_s += seconds
             if got is not None:
                 uploads.append(got)
-                weights.append(res.num_samples)
+                weights.append(known)
                 accepted.append(i)
 
         broadcast_bytes, diagnostics = 0, {}
@@ -198,6 +202,8 @@ class RoundServer:
                                   wall0, diagnostics)  # fmt: skip
 
     def _leave_out(self, t: int, rec: ClientRound, status: str, reason: str) -> None:
+        if rec.node_id is not None and not reason.startswith("node "):
+            reason = f"node {rec.node_id} (partition {rec.client}): {reason}"
         rec.fail(status, reason)
         log.warning("round %d: client %d left out: %s", t, rec.client, reason)
 
