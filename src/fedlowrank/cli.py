@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlowrank.config import ConfigError
-from fedlowrank.errors import TrainingFailed
+from fedlowrank.errors import CorruptRun, RunBusy, TrainingFailed
 
 __all__ = ["main", "build_parser"]
 
@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as e:
         print(f"fedlowrank: run failed: {e}", file=sys.stderr)
         return 1
+    except (CorruptRun, RunBusy) as e:
+        print(f"fedlowrank: {e}", file=sys.stderr)
+        return 2
     return 1
 
 

@@ -27,6 +27,11 @@ class SimConfig:
     download_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     verify_sync: bool = False
     threads: int = 0  # torch threads during the run; 0: the task's choice (tiny models: 1)
+    # a bound on one client's influence: an upload whose norm exceeds `outlier_ratio` times the
+    # median norm of the round's uploads (3 or more) is rejected, or scaled down to that bound
+    # ("clip"); 0 turns the bound off
+    outlier_ratio: float = 10.0
+    outliers: Literal["reject", "clip"] = "reject"
 
     def __post_init__(self) -> None:
         require(1 <= self.rounds <= 1_000_000, "rounds", f"must lie in [1, 1000000], got {self.rounds}")
@@ -39,6 +44,9 @@ class SimConfig:
         choice(self.upload_dtype, "upload_dtype", tuple(VALUE_DTYPES))
         choice(self.download_dtype, "download_dtype", tuple(VALUE_DTYPES))
         require(0 <= self.threads <= 1024, "threads", f"must lie in [0, 1024], got {self.threads}")
+        require(self.outlier_ratio == 0 or 1.0 <= self.outlier_ratio <= 1e6, "outlier_ratio",
+                f"must be 0 (off) or lie in [1, 1e6], got {self.outlier_ratio}")  # fmt: skip
+        choice(self.outliers, "outliers", ("reject", "clip"))
 
 
 POSITIONS = ("auto", "golomb", "bitmap", "dense")  # auto: per tensor the smaller of golomb and dense

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -180,14 +181,18 @@ def _variant_base(label: str, options: Mapping[str, Any], where: str = "algorith
     return base
 
 
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]{0,63}")  # a safe path component: no "..", "/", NUL
+
+
 def _algorithms(value: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"algorithms: expected a non-empty list of algorithm names, got {value!r}")
     for v in value:
-        if not v or "/" in v:
-            raise ConfigError(f"algorithms: {v!r} is not a usable name (it names a run folder)")
+        if not _SAFE_LABEL.fullmatch(v):
+            raise ConfigError(f"algorithms: {v!r} is not a usable name (it names a run folder): use letters, digits, "
+                              "'-', '_', '+' and '.', starting with a letter or digit, at most 64 characters")  # fmt: skip
         _variant_base(v, options)
     if len(set(value)) != len(value):
         raise ConfigError(f"algorithms: names repeat in {list(value)}")

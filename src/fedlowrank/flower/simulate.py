@@ -40,7 +40,7 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     from fedlowrank.flower.client_app import app as client_app
     from fedlowrank.flower.server_app import make_server_app
     from fedlowrank.runconfig import DEFAULT_PRESET, load_run_config
-    from fedlowrank.runs.rundir import RunDir
+    from fedlowrank.runs.rundir import RunDir, RunLock
     from fedlowrank.tasks import make_task
 
     out = Path(out)
@@ -52,7 +52,7 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
         config = str((out / "config.toml").resolve())
     else:
         config = config or DEFAULT_PRESET
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(p.name != RunLock.NAME for p in out.iterdir()):
             raise FileExistsError(f"{out} already holds files; pass --resume to continue a run there")
     for item in overrides:
         if ";" in item:

@@ -84,6 +84,7 @@ class ClientWorker:
                                seed=derive_seed(self.seed, "train", t, client))  # fmt: skip
             trained = task.state()
             payload, memory = setup.alg.client_step(start, trained, ClientInfo(t, client, self.seed), held.memory)
+            payload.meta = {**payload.meta, "round": t, "client": client}  # the server requires both
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             enc = encode(payload, self.cfg.upload_positions, self.cfg.upload_dtype)

@@ -26,6 +26,7 @@ from a checkpoint repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -182,10 +183,20 @@ class RoundServer:
                 weights.append(known)
                 accepted.append(i)
 
-        broadcast_bytes, diagnostics = 0, {}
-        if uploads:
-            enc, seconds, diagnostics = self._aggregate(t, uploads, weights)
-            server_s += seconds
+        broadcast_bytes, diagnostics, enc = 0, {}, None
+        t0 = time.perf_counter()
+        uploads, weights, accepted = self._bound_influence(t, records, uploads, weights, accepted)
+        while uploads:
+            try:
+                enc, diagnostics = self._aggregate(t, uploads, weights)
+                break
+            except Exception as e:  # noqa: BLE001 - no upload may stop the run: blame the largest one
+                j = max(range(len(uploads)), key=lambda j: upload_norm(uploads[j]))
+                self._leave_out(t, records[accepted[j]], "rejected", f"the server step failed with this upload "
+                                f"(the round's largest): {type(e).__name__}: {str(e)[:200]}")  # fmt: skip
+                del uploads[j], weights[j], accepted[j]
+        server_s += time.perf_counter() - t0
+        if enc is not None:
             broadcast_bytes = len(enc.data)
             missed = self.transport.broadcast(t, enc.data, accepted)
             for i in accepted:
@@ -213,26 +224,58 @@ class RoundServer:
         t0 = time.perf_counter()
         try:
             got = decode_payload(data, self.upload_shapes)
-            if "round" in got.meta and got.meta["round"] != t:
-                raise PayloadError(f"upload is for round {got.meta['round']}, this is round {t}")
+            stamp = (got.meta.get("round"), got.meta.get("client"))
+            if stamp != (t, rec.client):  # a replay of old bytes, or another client's
+                raise PayloadError(f"upload is stamped round {stamp[0]}, client {stamp[1]}; this is round {t}, "
+                                   f"client {rec.client}")  # fmt: skip
+            bad = [k for k, v in got.tensors.items() if not bool(torch.isfinite(v).all())]
+            if bad:
+                raise PayloadError(f"non-finite values in {bad[:3]}")
         except PayloadError as e:
             self._leave_out(t, rec, "rejected", f"upload rejected: {e}")
             got = None
         return got, time.perf_counter() - t0
 
-    def _aggregate(self, t: int, uploads: list[Payload], weights: list[int]) -> tuple[Encoded, float, dict]:
+    def _bound_influence(self, t, records, uploads, weights, accepted):
+        """`sim.outlier_ratio`: with 3 or more uploads, one whose norm exceeds the ratio times
+        the round's median norm is rejected (`outliers = "reject"`) or scaled down to that bound."""
+        ratio = self.cfg.outlier_ratio
+        if not ratio or len(uploads) < 3:
+            return uploads, weights, accepted
+        norms = [upload_norm(u) for u in uploads]
+        bound = ratio * float(np.median(norms))
+        keep = []
+        for j, (u, norm) in enumerate(zip(uploads, norms, strict=True)):
+            if norm <= bound:
+                keep.append(j)
+            elif self.cfg.outliers == "clip":
+                scale = bound / norm
+                uploads[j] = Payload({k: v * scale for k, v in u.tensors.items()}, u.seeds, u.meta)
+                records[accepted[j]].diagnostics["clipped_by"] = scale
+                log.warning("round %d: client %d's update norm %.3g is above %g x the median (%.3g): scaled by %.3g",
+                            t, accepted[j], norm, ratio, bound / ratio, scale)  # fmt: skip
+                keep.append(j)
+            else:
+                self._leave_out(t, records[accepted[j]], "rejected", f"update norm {norm:.3g} is above {ratio:g} x the "
+                                f"round's median ({bound / ratio:.3g}); sim.outlier_ratio bounds it")  # fmt: skip
+        return [uploads[j] for j in keep], [weights[j] for j in keep], [accepted[j] for j in keep]
+
+    def _aggregate(self, t: int, uploads: list[Payload], weights: list[int]) -> tuple[Encoded, dict]:
         """Build, encode and decode round t's broadcast, and apply the decoded payload (what
-        every client applies too) to the global state; returns (encoded, seconds, the server's
-        diagnostics)."""
+        every client applies too) to the global state; returns (encoded, the server's
+        diagnostics). Nothing changes unless it all succeeds with finite values (else it raises)."""
         st, cfg, alg = self.state, self.cfg, self.alg
-        t0 = time.perf_counter()
-        bc, st.server_memory = alg.server_step(st.global_state, uploads, weights, RoundInfo(t, self.seed), st.server_memory)
+        bc, memory = alg.server_step(st.global_state, uploads, weights, RoundInfo(t, self.seed), st.server_memory)
         enc = encode(bc, cfg.download_positions, cfg.download_dtype)
         shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
         decoded = decode_payload(enc.data, shapes)  # decoded once; everyone applies these bytes
-        st.global_state = alg.apply_broadcast(st.global_state, decoded)
+        new = alg.apply_broadcast(st.global_state, decoded)
+        bad = [k for k in decoded.tensors if not bool(torch.isfinite(new[k]).all())]
+        if bad:
+            raise FloatingPointError(f"the new global state would hold non-finite values in {bad[:3]}")
+        st.global_state, st.server_memory = new, memory
         st.history.append((t, enc.data, enc.bound_bytes))
-        return enc, time.perf_counter() - t0, {**bc.stats, **factor_norms(st.global_state)}
+        return enc, {**bc.stats, **factor_norms(st.global_state)}
 
     def _finish_round(self, t, clients, records: list[ClientRound], accepted, broadcast_bytes, server_s, wall0,
                       diagnostics) -> dict[str, Any]:  # fmt: skip
@@ -320,6 +363,11 @@ def aggregate_evaluations(results: list[EvalResult]) -> dict[str, float]:
     if sent:
         out["download_bytes"] = sent
     return out
+
+
+def upload_norm(payload: Payload) -> float:
+    """The L2 norm of all of an upload's values together, in float64 (no overflow for finite fp32)."""
+    return math.sqrt(sum(float(torch.sum(v.double() ** 2)) for v in payload.tensors.values()))
 
 
 def factor_norms(state: Mapping[str, torch.Tensor]) -> dict[str, float]:

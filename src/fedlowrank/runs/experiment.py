@@ -29,7 +29,8 @@ from fedlowrank.errors import TrainingFailed
 from fedlowrank.runconfig import RunConfig, dump_toml, parse_run_config
 from fedlowrank.runs.export import ADAPTER_DIR, has_adapter, save_snapshot, write_adapters
 from fedlowrank.runs.report import markdown_table, plot_curves, summarize
-from fedlowrank.runs.rundir import RunDir, atomic_write
+from fedlowrank.protocol.setup import RunSetup
+from fedlowrank.runs.rundir import RunDir, RunLock, atomic_write
 from fedlowrank.protocol.server import RoundServer
 from fedlowrank.protocol.state import SimState
 from fedlowrank.protocol.transport import Channel, InProcessTransport, Transport
@@ -162,9 +163,17 @@ def run_experiment(
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it")
     t0 = time.perf_counter()
     task = make_task(cfg.task_name, cfg.task, cfg.seed).build()  # bad data or model: fail before writing
+    for algorithm in cfg.algorithms:  # an algorithm the task cannot run: fail before writing too
+        RunSetup.of(task, cfg.make_algorithm(algorithm), cfg.seed)
     if on_task_built is not None:
         on_task_built(time.perf_counter() - t0)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one process per run directory (a second one is refused, naming the holder)
+        return _run_all(cfg, task, out, resume, progress, channel, transport, runtime_note)
+
+
+def _run_all(cfg, task, out: Path, resume, progress, channel, transport, runtime_note) -> list[dict[str, Any]]:
+    if not resume and (out / "config.toml").exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it")
     if not resume:
         atomic_write(out / "config.toml", dump_toml(cfg.to_mapping()))
     many = len(cfg.algorithms) > 1
