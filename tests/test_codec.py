@@ -318,7 +318,7 @@ def test_count_checks():
         decode_tensor(head("golomb", 10) + v(1) + bytes([0]) + v(9) + one + bytes([1]))
     with pytest.raises(PayloadError, match="too short"):
         decode_tensor(head("golomb", 1000) + v(2) + bytes([9]) + v(1) + one * 2 + bytes([0xFF]))
-    with pytest.raises(PayloadError, match="golomb stream has 1 bytes but k = 0"):
+    with pytest.raises(PayloadError, match="golomb stream of 1 bytes; 0 positions"):
         decode_tensor(head("golomb", 10) + v(0) + bytes([0]) + v(1) + bytes([0]))
 
 

@@ -76,7 +76,8 @@ _DTYPE_NAMES = {code: name for name, code in VALUE_DTYPES.items()}
 DEFAULT_MAX_ELEMENTS = 2**31  # per tensor, and per payload in total
 DEFAULT_MAX_BYTES = 2**31  # whole payload
 MAX_NDIM = 32
-MAX_NAME_BYTES = 4096
+MAX_NAME_BYTES = 4096  # a tensor or meta name, and a meta string value
+MAX_META = 256  # meta entries per payload
 _META_INT, _META_FLOAT, _META_STR, _META_BOOL = 0, 1, 2, 3
 
 
@@ -378,6 +379,10 @@ def _read_record(
     k = r.varint("count k")
     if k > n:
         raise PayloadError(f"count k = {k} exceeds n = {n}")
+    if positions == "seeded":  # the mask keeps Binomial(n, p) entries: refuse an implausible k before building it
+        mean = n * keep_prob
+        if abs(k - mean) > 8.0 * math.sqrt(mean * (1.0 - keep_prob)) + 8.0:
+            raise PayloadError(f"count k = {k} is implausible for a seeded mask of {n} entries at keep_prob {keep_prob}")
     if positions == "golomb":
         b = r.u8("rice parameter")
         if b > MAX_RICE_PARAMETER:
@@ -385,6 +390,11 @@ def _read_record(
         stream_len = r.varint("golomb stream length")
         if stream_len > r.left:  # check before reading k values so a bad length reads as such
             raise PayloadError(f"truncated: golomb stream length {stream_len} exceeds the {r.left} bytes left")
+        # k positions in [0, n): k (b + 1) bits plus at most (n >> b) + 1 unary zeros, padded to a
+        # byte; a longer stream cannot be valid, and expanding it would cost 8+ bytes per bit
+        most = (k * (b + 1) + (n >> b) + 1 + 7) // 8 if k else 0
+        if stream_len > most:
+            raise PayloadError(f"golomb stream of {stream_len} bytes; {k} positions in {n} need at most {most}")
     values = _read_values(r, k, value_dtype, allow_zero=positions == "seeded")
 
     if positions == "seeded":
@@ -504,6 +514,8 @@ def _read_meta(r: _Reader, name: str) -> MetaValue:
         return v
     if tag == _META_STR:
         size = r.varint(f"meta {name!r} string length")
+        if size > MAX_NAME_BYTES:
+            raise PayloadError(f"meta {name!r}: string of {size} bytes, above {MAX_NAME_BYTES}")
         raw = r.take(size, f"meta {name!r} string")
         try:
             return raw.decode("utf-8")
@@ -581,11 +593,12 @@ def decode_payload(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_total_elements: int = DEFAULT_MAX_ELEMENTS,
+    require_all: bool = True,
 ) -> Payload:
     """Inverse of encode_payload. Raises PayloadError on any defect, naming the tensor.
 
-    With expected_shapes, the payload must hold exactly those names with exactly those shapes
-    (checked before any tensor is allocated).
+    With expected_shapes, the payload must hold exactly those names (with `require_all=False`:
+    some of them) with exactly those shapes (checked before any tensor is allocated).
     """
     data = _as_bytes(data)
     if len(data) > max_bytes:
@@ -603,7 +616,10 @@ def decode_payload(
     r = _Reader(data, start=len(MAGIC) + 1, end=len(data) - 4)
     meta: dict[str, MetaValue] = {}
     prev = None
-    for _ in range(r.varint("meta count")):
+    count = r.varint("meta count")
+    if count > MAX_META:
+        raise PayloadError(f"{count} meta entries, above {MAX_META}")
+    for _ in range(count):
         name = r.name("meta name")
         if prev is not None and name <= prev:
             raise PayloadError(f"meta {name!r} out of order or duplicated (names must be sorted)")
@@ -632,7 +648,7 @@ def decode_payload(
             seeds[name] = seed_info
     if r.left:
         raise PayloadError(f"{r.left} trailing bytes after the last tensor")
-    if expected_shapes is not None:
+    if expected_shapes is not None and require_all:
         missing = sorted(set(expected_shapes) - set(tensors))
         if missing:
             raise PayloadError(f"missing tensors: {missing}")

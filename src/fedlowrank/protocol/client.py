@@ -38,8 +38,11 @@ class ClientWorker:
         return ClientHeld(0, self.setup.initial_sent() if own_copy else None)
 
     # --- sync -------------------------------------------------------------------------------
-    def _apply(self, sent: State, data: bytes, shapes=None) -> State:
-        out = self.setup.alg.apply_broadcast(sent, decode_payload(data, shapes))
+    def _apply(self, sent: State, data: bytes, full: bool = False) -> State:
+        """`sent` with a broadcast (some of the sent keys) or the full state (all of them) applied;
+        decoded against the sent keys' shapes, so no header can make the client allocate more."""
+        payload = decode_payload(data, self.setup.sent_shapes, require_all=full)
+        out = self.setup.alg.apply_broadcast(sent, payload)
         return {k: out[k] for k in self.setup.sent}
 
     def sync(self, held: ClientHeld, order: TrainOrder) -> ClientHeld:
@@ -49,7 +52,7 @@ class ClientWorker:
         sent = held.sent
         if sent is not None:
             if order.catchup == "state":
-                sent = self._apply(sent, order.data[0], self.setup.sent_shapes)
+                sent = self._apply(sent, order.data[0], full=True)
             elif order.catchup == "deltas":  # the broadcasts after `base`; skip any already applied
                 for r, data in zip(order.rounds, order.data, strict=True):
                     if r > held.version:
