@@ -99,3 +99,67 @@ def test_a_broadcast_is_decoded_against_the_sent_shapes_on_the_client():
         worker._apply(sent, alien)
     with pytest.raises(PayloadError, match="missing tensors"):
         worker._apply(sent, part, full=True)  # the full state must hold every sent key
+
+
+# --- fuzzing whole payloads, the checksum recomputed after each mutation ----------------------
+SHAPES = {"a.lora_A": (8, 64), "a.lora_B": (64, 8), "b.bias": (64,)}
+
+
+def _payloads(rng) -> list[bytes]:
+    """Honest uploads of every encoding the codec writes (golomb, bitmap, dense, seeded, auto)."""
+    out = []
+    for positions, dtype in (("golomb", "fp32"), ("bitmap", "bf16"), ("dense", "fp16"), ("auto", "fp32")):
+        t = {k: torch.randn(s, generator=rng) * (torch.rand(s, generator=rng) < 0.2) for k, s in SHAPES.items()}
+        out.append(encode_payload(Payload(t, meta={"round": 3, "client": 1, "kind": "delta"}), positions, dtype))
+    keep = seeded_keep_mask(SHAPES["a.lora_A"], 0.3, 11)
+    t = {k: torch.randn(s, generator=rng) for k, s in SHAPES.items()}
+    t["a.lora_A"] = t["a.lora_A"] * keep
+    out.append(encode_payload(Payload(t, seeds={"a.lora_A": (11, 0.3)}, meta={"round": 3, "client": 1})))
+    return out
+
+
+def mutate(data: bytes, rng) -> bytes:
+    body = bytearray(data[:-4])
+    for _ in range(int(torch.randint(1, 5, (1,), generator=rng))):
+        op = int(torch.randint(0, 5, (1,), generator=rng))
+        i = int(torch.randint(len(MAGIC) + 1, max(len(MAGIC) + 2, len(body)), (1,), generator=rng))
+        if op == 0 and i < len(body):  # flip bits of one byte
+            body[i] ^= int(torch.randint(1, 256, (1,), generator=rng))
+        elif op == 1:  # insert bytes (a header field grows)
+            body[i:i] = bytes(torch.randint(0, 256, (int(torch.randint(1, 9, (1,), generator=rng)),), generator=rng).tolist())
+        elif op == 2:  # delete bytes
+            del body[i : i + int(torch.randint(1, 9, (1,), generator=rng))]
+        elif op == 3:  # a large varint where a count or a dimension was
+            body[i : i + 1] = v(int(torch.randint(0, 2**62, (1,), generator=rng)) >> int(torch.randint(0, 62, (1,), generator=rng)))
+        else:  # truncate
+            del body[i:]
+    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+
+def fuzz(cases: int, seed: int = 0) -> dict[str, int]:
+    """Decode `cases` mutated payloads on the server path (expected shapes) and without shapes;
+    every outcome must be a PayloadError or a payload with the expected shapes and finite values.
+    Returns counts of each outcome; raises AssertionError on anything else."""
+    rng = torch.Generator().manual_seed(seed)
+    honest = _payloads(rng)
+    counts = {"rejected": 0, "decoded": 0}
+    for c in range(cases):
+        bad = mutate(honest[c % len(honest)], rng)
+        for shapes in (SHAPES, None):
+            try:
+                p = decode_payload(bad, shapes, max_elements=2**16, max_total_elements=2**16)
+            except PayloadError:
+                counts["rejected"] += 1
+                continue
+            except Exception as e:  # noqa: BLE001 - the bug this fuzzer looks for
+                raise AssertionError(f"case {c}: {type(e).__name__}: {e}; input {bad.hex()}") from e
+            counts["decoded"] += 1
+            for k, t in p.tensors.items():
+                assert shapes is None or tuple(t.shape) == shapes[k]
+                assert bool(torch.isfinite(t).all()) and t.numel() <= 2**16
+    return counts
+
+
+def test_fuzzed_whole_payloads_end_in_a_payload_error_or_a_correct_decode():
+    counts = fuzz(600)
+    assert counts["rejected"] > 0 and sum(counts.values()) == 1200

@@ -133,6 +133,17 @@ def test_news_topics_data_model_and_cache(news_task):
     assert torch.equal(again.hidden, task.hidden) and torch.equal(again.mask, task.mask)
 
 
+def test_news_topics_has_no_article_in_both_a_training_and_a_test_split(news_task):
+    """The BBC corpus repeats 98 articles verbatim; they are dropped before splitting."""
+    from fedlowrank.tasks.news_topics import load_bbc_news
+
+    texts, labels, _ = load_bbc_news()
+    assert len(texts) == len(set(texts)) == 2127 and len(load_bbc_news(dedup=False)[0]) == 2225
+    task, _ = news_task
+    train = {task.texts[i] for i in task.train_idx}
+    assert not train & {task.texts[i] for i in task.test_idx}
+
+
 def test_news_topics_short_federated_run(news_task):
     task, _ = news_task
     results = {}
