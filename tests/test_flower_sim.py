@@ -1,7 +1,6 @@
 """The Flower runtime on Flower's simulation engine equals the in-process runtime: same seed,
 same sampled clients, same bytes on the wire (per round and per client), same final adapter."""
 
-import dataclasses
 import os
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -16,7 +15,7 @@ from fedlowrank.runs.experiment import run_experiment  # noqa: E402
 from fedlowrank.runs.rundir import RunDir  # noqa: E402
 
 # 4 clients, 2 sampled per round: round 2 has a client that missed round 1 (a catch-up)
-SET = ["task.num_clients=4", "sim.rounds=2", "sim.fraction=0.5", "sim.eval_every=1"]
+
 BYTES = ("upload_bytes", "download_bytes", "upload_bound_bytes", "download_bound_bytes", "broadcast_bytes")
 
 
