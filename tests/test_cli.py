@@ -218,3 +218,14 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     assert main(["run", str(digits_config(tmp_path)), "--out", str(out), "--quiet"]) == 130
     assert f"fedlowrank run --resume {out}" in capsys.readouterr().err
+
+
+def test_a_round_without_an_accepted_upload_is_reported_loudly(tmp_path, monkeypatch, capsys):
+    from fedlowrank.protocol.transport import Channel
+
+    real = Channel.upload
+    monkeypatch.setattr(Channel, "upload", lambda self, r, c, data: b"garbage" if r == 2 else real(self, r, c, data))
+    assert main(["run", str(digits_config(tmp_path)), "--out", str(tmp_path / "run")]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "warning: fedsrd round 2: no upload accepted, the global state is unchanged: upload rejected" in out
+    assert "round 1: no upload" not in out

@@ -79,8 +79,10 @@ def test_same_seed_same_model_and_partition():
 def test_task_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"task.mode: got 'half'"):
         task_config("digits", {"mode": "half"})
-    with pytest.raises(ConfigError, match=r"task.local_steps: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"task.local_steps: must lie in \[1, 1000000\], got 0"):
         task_config("news-topics", {"local_steps": 0})
+    with pytest.raises(ConfigError, match=r"task.local_steps: must lie in \[1, 1000000\]"):
+        task_config("digits", {"local_steps": 10**12})  # no unbounded work from one config field
     with pytest.raises(ConfigError, match=r"task.target_modules"):
         task_config("news-topics", {"target_modules": ["q_proj"]})
 

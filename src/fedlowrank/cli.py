@@ -103,6 +103,8 @@ class _RichProgress:
         if record.get("dropped"):
             info += f"  ({len(record['dropped'])} left out)"
         self.progress.update(self.tasks[algorithm], advance=1, info=info)
+        if not record["accepted"]:
+            self.progress.console.print(f"[bold yellow]{_no_update(algorithm, record)}[/bold yellow]")
 
     def finish(self, algorithm: str, summary: dict[str, Any]) -> None:
         if algorithm not in self.tasks:  # finished before a resume
@@ -130,9 +132,17 @@ class _LineProgress:
             acc = f"accuracy {record['eval']['accuracy']:.4f}  " if "eval" in record else ""
             left = f"  {len(record['dropped'])} client(s) left out" if record.get("dropped") else ""
             self.console.print(f"  {algorithm} round {record['round']}: {acc}{mb:.3f} MB sent{left}")
+        if not record["accepted"]:
+            self.console.print(_no_update(algorithm, record))
 
     def finish(self, algorithm: str, summary: dict[str, Any]) -> None:
         pass
+
+
+def _no_update(algorithm: str, record: dict[str, Any]) -> str:
+    reasons = sorted({d["reason"] for d in record.get("dropped", [])})
+    why = f": {reasons[0][:120]}" + (f" (and {len(reasons) - 1} more reasons)" if len(reasons) > 1 else "") if reasons else ""
+    return f"warning: {algorithm} round {record['round']}: no upload accepted, the global state is unchanged{why}"
 
 
 def _summary_table(summaries: list[dict[str, Any]], labels: list[str], title: str):

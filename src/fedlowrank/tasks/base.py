@@ -56,7 +56,7 @@ class TrainConfig:
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
+        require(1 <= self.local_steps <= 1_000_000, "local_steps", f"must lie in [1, 1000000], got {self.local_steps}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         require(0.0 < self.lr <= 10.0, "lr", f"must lie in (0, 10], got {self.lr}")
