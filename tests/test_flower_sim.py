@@ -96,39 +96,60 @@ def test_every_algorithm_on_flower_simulation_equals_the_in_process_runtime(tmp_
 
 
 @pytest.mark.slow
-def test_a_flower_run_killed_mid_way_resumes_to_the_in_process_result(tmp_path, monkeypatch):
-    """Killed after fedsrd's round 2 (fedavg done): --resume skips fedavg, continues fedsrd at round
-    3 on fresh SuperNodes, which say they hold round 0 and are sent what they miss."""
+def test_a_flower_run_killed_mid_way_resumes_to_the_in_process_result(tmp_path):
+    """`fedlowrank run --runtime flower` killed with SIGKILL during fedsrd (fedavg done): no Ray
+    process is left behind, and --resume skips fedavg and continues fedsrd on fresh SuperNodes,
+    which say they hold round 0 and are sent what they miss: the same training as an
+    uninterrupted in-process run, plus those catch-up bytes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_flower_deployment import alive, descendants
+
     from fedlowrank.cli import main
-    from fedlowrank.runs import experiment
 
-    config = _config(tmp_path / "kill.toml", "mode = \"lora\"\nnum_clients = 4", ["fedavg", "fedsrd"],
-                     "rounds = 4\nfraction = 0.5\neval_every = 2")  # fmt: skip
-    real = experiment.record_round
-
-    def killed(rd, meta, task, record, state):
-        real(rd, meta, task, record, state)
-        if meta["algorithm"] == "fedsrd" and record["round"] == 2:
-            raise KeyboardInterrupt  # what Ctrl-C does to the ServerApp
-
-    monkeypatch.setattr(experiment, "record_round", killed)
+    config = _config(tmp_path / "kill.toml", "mode = \"lora\"\nnum_clients = 4\nlocal_steps = 40", ["fedavg", "fedsrd"],
+                     "rounds = 6\nfraction = 0.5\neval_every = 2")  # fmt: skip
     out = tmp_path / "flower"
-    assert main(["run", config, "--out", str(out), "--runtime", "flower", "--quiet"]) == 130
-    assert len(RunDir(out / "fedsrd").read_metrics()) == 2 and not (out / "fedsrd" / "summary.json").exists()
-    monkeypatch.setattr(experiment, "record_round", real)
+    cli = [sys.executable, "-m", "fedlowrank.cli", "run", config, "--out", str(out), "--runtime", "flower", "--quiet"]
+    run = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                           env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while len(RunDir(out / "fedsrd").read_metrics()) < 2:
+            assert time.monotonic() < deadline and run.poll() is None, "the Flower run never reached fedsrd's round 2"
+            family |= descendants(run.pid)
+            time.sleep(0.05)
+        family |= descendants(run.pid)
+        os.kill(run.pid, signal.SIGKILL)  # the driver only, as a user's kill -9 would
+        run.wait(10)
+        deadline = time.monotonic() + 15
+        while [p for p in family if alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [p for p in family if alive(p)], "processes of the killed run are still alive"
+    finally:
+        for p in family | {run.pid}:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    done = RunDir(out / "fedsrd").load_checkpoint()[0].round
+    assert 2 <= done < 6 and not (out / "fedsrd" / "summary.json").exists()
     assert main(["run", "--resume", str(out), "--runtime", "flower", "--quiet"]) == 0
     cfg, _ = load_run_config(config, [])
     run_experiment(cfg, tmp_path / "inproc")
     _compare(RunDir(out / "fedavg").read_metrics(), RunDir(tmp_path / "inproc" / "fedavg").read_metrics())
     fr, ir = RunDir(out / "fedsrd").read_metrics(), RunDir(tmp_path / "inproc" / "fedsrd").read_metrics()
-    assert [r["round"] for r in fr] == [1, 2, 3, 4]
-    _compare(fr[:2], ir[:2])
-    for f, i in zip(fr[2:], ir[2:], strict=True):  # the same training; fresh nodes cost extra catch-up bytes
+    assert [r["round"] for r in fr] == [1, 2, 3, 4, 5, 6]
+    _compare(fr[:done], ir[:done])
+    for f, i in zip(fr[done:], ir[done:], strict=True):  # the same training; fresh nodes cost extra catch-up bytes
         assert f["clients"] == i["clients"] and f["upload_bytes"] == i["upload_bytes"]
         assert f["download_bytes"] >= i["download_bytes"]
         if "eval" in i:
             assert f["eval"]["accuracy"] == pytest.approx(i["eval"]["accuracy"])
-    assert fr[2]["download_bytes"] > ir[2]["download_bytes"]
     fs = RunDir(out / "fedsrd").load_checkpoint()[0].global_state
     is_ = RunDir(tmp_path / "inproc" / "fedsrd").load_checkpoint()[0].global_state
     for k in fs:

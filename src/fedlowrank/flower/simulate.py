@@ -38,6 +38,7 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
 
     from fedlowrank.config import ConfigError
     from fedlowrank.flower.client_app import app as client_app
+    from fedlowrank.flower.reaper import start_reaper
     from fedlowrank.flower.server_app import make_server_app
     from fedlowrank.runconfig import DEFAULT_PRESET, load_run_config
     from fedlowrank.runs.rundir import RunDir, RunLock
@@ -72,6 +73,7 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     opts = {"config": config, "set": ";".join(overrides), "out-dir": str(out), "resume": resume,
             "log-level": "DEBUG" if verbose else "WARNING" if quiet else "INFO"}  # fmt: skip
     errors: list[BaseException] = []
+    start_reaper()  # Ray's processes die with this one, even after kill -9
     try:
         run_simulation(
             make_server_app(opts, errors), client_app, num_supernodes=clients, verbose_logging=verbose,
