@@ -207,7 +207,7 @@ def test_smollm2_loads_from_the_package_and_its_cache_matches_the_gguf(offline, 
 @pytest.mark.slow
 def test_smollm2_two_fedsrd_rounds_lower_the_loss_on_every_client_domain(offline):
     """The issue's acceptance test: the real model, offline, two FedSRD rounds, small data."""
-    cfg = LMDomainsConfig(train_examples=8, eval_examples=4, seq_len=128, batch_size=4, local_steps=2,
+    cfg = LMDomainsConfig(train_examples=8, eval_examples=4, seq_len=64, batch_size=4, local_steps=2,
                           lr=3e-3, ood_domains=("politics",), eval_batch_size=8)  # fmt: skip
     t0 = time.perf_counter()
     task = LMDomainsTask(cfg, seed=0).build()
