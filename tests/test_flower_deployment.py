@@ -61,18 +61,24 @@ def deployment(tmp: Path, supernodes: int):
                   "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={supernodes}")  # fmt: skip
         yield env, procs
     finally:
-        family = {d for _, p in procs for d in descendants(p.pid)}  # e.g. the ServerApp the SuperLink started
-        for _, p in procs:
-            stop(p)
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for name, p in procs:
-            assert p.poll() is not None, f"{name} still running"
-        time.sleep(0.5)
-        assert not [pid for pid in family if alive(pid)], "processes left behind"
+        stop_all(procs)
+
+
+def stop_all(procs: list[tuple[str, subprocess.Popen]]) -> None:
+    """Stop every named process (its whole group) and whatever it started (e.g. the ServerApp the
+    SuperLink started), then assert that nothing of it is still running."""
+    family = {d for _, p in procs for d in descendants(p.pid)}
+    for _, p in procs:
+        stop(p)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for name, p in procs:
+        assert p.poll() is not None, f"{name} still running"
+    time.sleep(0.5)
+    assert not [pid for pid in family if alive(pid)], "processes left behind"
 
 
 def _ppids() -> dict[int, int]:

@@ -7,14 +7,12 @@ turned away. Every process started here is stopped (its whole process group) in 
 each step has a time limit. Helpers come from test_flower_deployment (the insecure deployment)."""
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from test_flower_deployment import BIN, REPO, SUMMARY_WAIT, alive, descendants, env_for, free_port, stop
+from test_flower_deployment import BIN, REPO, SUMMARY_WAIT, env_for, free_port, stop, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -117,17 +115,7 @@ def test_tls_superlink_trains_with_the_registered_supernode_only(tmp_path):
             stop(run)
         assert (out / "summary.json").exists(), f"no summary; flwr run said:\n{run.stdout.read()[-3000:]}"
     finally:
-        family = {d for p in procs.values() for d in descendants(p.pid)}  # e.g. the ServerApp, the ClientApp
-        for p in procs.values():
-            stop(p)
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-        assert [n for n, p in procs.items() if p.poll() is None] == [], "still running"
-        assert not [pid for pid in family if alive(pid)], "processes left behind"
+        stop_all(list(procs.items()))  # the ServerApp and ClientApp they started too
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1]
