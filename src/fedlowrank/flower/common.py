@@ -43,11 +43,15 @@ def pack(payloads: list[bytes]) -> ArrayRecord:
 
 
 def unpack(record: ArrayRecord) -> list[bytes]:
+    """The payloads `pack` wrapped; ValueError unless the record is exactly that (arrays "0" ..
+    "n-1", each uint8 of our stype)."""
+    if sorted(record.keys()) != sorted(str(i) for i in range(len(record))):
+        raise ValueError(f"arrays {sorted(record.keys())[:4]}, expected '0' .. '{len(record) - 1}'")
     out = []
     for i in range(len(record)):
         a = record[str(i)]
-        if a.stype != STYPE:
-            raise ValueError(f"array {i}: stype {a.stype!r}, expected {STYPE!r}")
+        if a.stype != STYPE or a.dtype != "uint8":
+            raise ValueError(f"array {i}: stype {a.stype!r}, dtype {a.dtype!r}; expected {STYPE!r}, uint8")
         out.append(bytes(a.data))
     return out
 

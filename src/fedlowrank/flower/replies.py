@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedlowrank.flower.common import STYPE
+from fedlowrank.flower.common import unpack
 from fedlowrank.protocol.messages import CLIENT_DIAGNOSTICS
 
 __all__ = ["BadReply", "MAX_TEXT", "partition_reply", "train_reply", "ack_reply", "eval_reply", "client_error"]
@@ -106,12 +106,12 @@ def train_reply(reply: Message, round: int) -> tuple[str, int | None] | tuple[by
     err = client_error(reply, round)
     if err is not None:
         return "error", err
-    up = _record(reply, "up", ArrayRecord)
-    if list(up.keys()) != ["0"]:
-        raise BadReply(f"'up' holds arrays {sorted(up.keys())[:4]}, expected exactly one ('0')")
-    a = up["0"]
-    if a.stype != STYPE or a.dtype != "uint8":
-        raise BadReply(f"the upload array has stype {_show(a.stype)} and dtype {_show(a.dtype)}, expected {STYPE!r}, uint8")
+    try:
+        arrays = unpack(_record(reply, "up", ArrayRecord))
+    except ValueError as e:
+        raise BadReply(f"'up': {_show(str(e))}") from None
+    if len(arrays) != 1:
+        raise BadReply(f"'up' holds {len(arrays)} arrays, expected exactly one")
     m = _record(reply, "metrics", MetricRecord)
     metrics = {
         "train_loss": _float(m, "train_loss", -math.inf),
@@ -123,7 +123,7 @@ def train_reply(reply: Message, round: int) -> tuple[str, int | None] | tuple[by
     for k in CLIENT_DIAGNOSTICS:
         if k in m:
             metrics[k] = _float(m, k, -math.inf)
-    return "ok", (bytes(a.data), metrics)
+    return "ok", (arrays[0], metrics)
 
 
 @_checked

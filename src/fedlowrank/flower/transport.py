@@ -187,9 +187,9 @@ class FlowerTransport:
             return self._node_lost(client, f"Flower error {reply.error.code}: {str(reply.error.reason)[:MAX_TEXT]}")
         return None
 
-    def _order_content(self, order: TrainOrder, **fields: Any) -> RecordDict:
+    def _order_content(self, order: TrainOrder) -> RecordDict:
         config = self._config(round=order.round, client=order.client, catchup=order.catchup, rounds=list(order.rounds),
-                              **{"from-version": order.base}, **fields)  # fmt: skip
+                              **{"from-version": order.base})  # fmt: skip
         return RecordDict({"config": config, "down": pack(list(order.data))})
 
     def train(self, round: int, orders: list[TrainOrder]) -> dict[int, TrainResult]:

@@ -141,10 +141,10 @@ class RoundServer:
     def round(self, t: int) -> dict[str, Any]:
         st = self.state
         wall0 = time.perf_counter()
-        unreachable, holds = self.transport.connect(t, list(range(self.task.num_clients)))
+        clients = self.sample(t)
+        unreachable, holds = self.transport.connect(t, clients)
         for i, v in holds.items():  # a (re)joined client holds less than the ledger thought
             st.versions[i] = min(int(st.versions[i]), v)
-        clients = self.sample(t)
         records = {i: ClientRound(i) for i in clients}
         orders: list[TrainOrder] = []
         server_s, cache = 0.0, {}

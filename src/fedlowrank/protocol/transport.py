@@ -28,8 +28,8 @@ class Transport(Protocol):
     name: str
 
     def connect(self, round: int, clients: list[int]) -> tuple[dict[int, str], dict[int, int]]:
-        """Before round `round`: ({client: why it cannot be reached}, {client: the round it says
-        it holds}, for clients that (re)joined since the last call)."""
+        """Before round `round`: ({sampled client: why it cannot be reached}, {client: the round
+        it says it holds}, for any client that (re)joined since the last call)."""
         ...
 
     def train(self, round: int, orders: list[TrainOrder]) -> dict[int, TrainResult]:

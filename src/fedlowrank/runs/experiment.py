@@ -172,6 +172,7 @@ def run_experiment(
 
 
 def _run_all(cfg, task, out: Path, resume, progress, channel, transport, runtime_note) -> list[dict[str, Any]]:
+    # checked again under the lock: another process may have started a run here since the early check
     if not resume and (out / "config.toml").exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it")
     if not resume:
