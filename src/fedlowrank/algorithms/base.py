@@ -19,6 +19,13 @@ node) and survives the rounds it is not sampled; the server's memory lives in th
 The defaults call `client_payload` / `server_broadcast` and keep no memory, so a stateless
 algorithm implements only those two.
 
+The runtimes do not call `server_step` with a list: they ask `aggregator(global_state,
+num_samples, info, memory)` for an `Aggregator` and feed it one decoded upload at a time
+(`algorithms/aggregation.py`), so an algorithm whose step is a sum over clients (FedAvg, the
+sketched FedSRD step) holds accumulators, not m uploads. The default collects the uploads and
+calls `server_step`; `aggregate(alg.aggregator(...), uploads)` must equal `server_step` for every
+algorithm (tests/test_streaming.py checks each registered one).
+
 States are flat `{key: tensor}` dicts (an adapter's state dict, or a whole small model's).
 Payloads carry `meta["kind"]`: "delta" (add to the state) or "state" (replace the values).
 """
@@ -32,6 +39,7 @@ from typing import ClassVar
 
 import torch
 
+from fedlowrank.algorithms.aggregation import Aggregator, Collecting
 from fedlowrank.config import ConfigError
 from fedlowrank.payload import Payload
 from fedlowrank.seeds import derive_seed  # re-exported: algorithms seed by it
@@ -200,6 +208,16 @@ class Algorithm(ABC):
     ) -> tuple[Payload, State]:
         """The broadcast and the server's new memory (default: `server_broadcast`, no memory)."""
         return self.server_broadcast(global_state, uploads, num_samples, info), memory
+
+    def aggregator(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        num_samples: Sequence[int],
+        info: RoundInfo,
+        memory: State,
+    ) -> Aggregator:
+        """How the runtime feeds this round's uploads in (default: collect them, then `server_step`)."""
+        return Collecting(lambda uploads: self.server_step(global_state, uploads, num_samples, info, memory))
 
     def upload_shapes(self, state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         """What a valid upload contains: name -> shape (the server's decoder checks against it)."""

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlowrank.algorithms.aggregation import Aggregator, WeightedMeans, aggregate
 from fedlowrank.algorithms.base import (
     KIND_DELTA,
     Algorithm,
     RoundInfo,
+    State,
     aggregation_weights,
     check_fields,
-    mean_delta,
 )
 from fedlowrank.algorithms.upload import SparseUploadClient, UploadConfig
 from fedlowrank.payload import Payload
@@ -59,9 +60,12 @@ class FedAvg(SparseUploadClient, Algorithm):
         num_samples: Sequence[int],
         info: RoundInfo,
     ) -> Payload:
-        weights = aggregation_weights(num_samples, self.config.weighting)
-        out = {k: mean_delta(global_state, uploads, weights, k) for k in self.sent_keys(global_state)}
-        return Payload(out, meta={"kind": KIND_DELTA, "round": info.round})
+        return aggregate(self.aggregator(global_state, num_samples, info, {}), uploads)[0]
+
+    def aggregator(self, global_state, num_samples, info: RoundInfo, memory: State) -> Aggregator:
+        """Streaming: each upload is added into the running weighted means and let go."""
+        return _MeanAggregator(global_state, self.sent_keys(global_state),
+                               aggregation_weights(num_samples, self.config.weighting), info.round)  # fmt: skip
 
     def regularizer(self, params, global_state):
         mu = self.config.prox_mu
@@ -69,6 +73,19 @@ class FedAvg(SparseUploadClient, Algorithm):
             return None
         terms = [((params[k] - global_state[k].to(params[k].device)) ** 2).sum() for k in params if k in global_state]
         return 0.5 * mu * torch.stack(terms).sum() if terms else None
+
+
+class _MeanAggregator(Aggregator):
+    def __init__(self, global_state, keys, weights, round: int) -> None:
+        self.means = WeightedMeans(global_state, keys, weights)
+        self.round = round
+
+    def add(self, upload: Payload) -> None:
+        self.means.add(upload)
+
+    def finish(self) -> tuple[Payload, State]:
+        self.means.check_complete()
+        return Payload(dict(self.means.sums), meta={"kind": KIND_DELTA, "round": self.round}), {}
 
 
 class FedProx(FedAvg):

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlowrank.algorithms.aggregation import Aggregator, Collecting, ModuleSketches, aggregate
 from fedlowrank.algorithms.base import (
     KIND_DELTA,
     Algorithm,
@@ -232,7 +233,16 @@ class FedSRDConfig(UploadConfig):
     upload_mask: str = "importance"
     efficient: bool = False
     download_drop: float = 0.8
-    method: str = "factored"
+    # The server step. "factored": exact, through the clients' factors (O((d_out + d_in) (m r)^2));
+    # "dense": the paper's reference (build W, full SVD); "sketch": streaming, each upload folded
+    # into per-module sums and let go (fedlowrank.sketch: exact on everything the clients' deltas do
+    # inside the spans of the global factors, within 1e-3 of the exact target in the measured regime);
+    # "auto": "factored" while clients x rank <= sketch_above, "sketch" beyond.
+    method: str = "auto"
+    sketch_above: int = 512
+    # Columns of a random sketch of what the cross approximation leaves out (0: none; m r or more:
+    # the sketch step equals the exact one). docs/algorithms.md measures it.
+    sketch_width: int = 0
     # Extension, off by default (the paper has none): after every applied broadcast, server and
     # clients alike replace (B, A) by balanced factors of the same product (lora.balance_factors).
     # The pinv solves otherwise let one factor grow while the other shrinks, and local optimizers
@@ -263,9 +273,13 @@ class FedSRDConfig(UploadConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fields(self, download_drop=(0.0, 0.999), solve_tol=(1e-12, 1.0))
-        choice(self.method, "method", ("factored", "dense"))
+        choice(self.method, "method", METHODS)
+        check_fields(self, sketch_above=(0, 10**9), sketch_width=(0, 10**6))
         choice(self.server_dtype, "server_dtype", ("float32", "float64"))
         choice(self.solve, "solve", SOLVES)
+
+
+METHODS = ("auto", "factored", "dense", "sketch")
 
 
 def _feedback_keys(module: str) -> tuple[str, str]:
@@ -299,54 +313,44 @@ class FedSRD(SparseUploadClient, Algorithm):
         return self.server_step(global_state, uploads, num_samples, info, {})[0]
 
     def server_step(self, global_state, uploads, num_samples, info: RoundInfo, memory: State) -> tuple[Payload, State]:
+        return aggregate(self.aggregator(global_state, num_samples, info, memory), uploads)
+
+    def sketched(self, global_state: Mapping[str, torch.Tensor], clients: int) -> bool:
+        """Whether this round's step is the streaming sketch: `method = "sketch"`, or "auto"
+        with clients x rank above `sketch_above` (the exact factored core is (m r) x (m r))."""
+        m = self.config.method
+        if m != "auto":
+            return m == "sketch"
+        pairs = lora_pairs({k: global_state[k] for k in self.sent_keys(global_state)})
+        rank = max((global_state[b].shape[1] for b, _ in pairs.values()), default=0)
+        return clients * rank > self.config.sketch_above
+
+    def _work(self, t: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(t.dtype, torch.float64 if self.config.server_dtype == "float64" else torch.float32)
+
+    def aggregator(self, global_state, num_samples, info: RoundInfo, memory: State) -> Aggregator:
+        weights = aggregation_weights(num_samples, self.config.weighting)
+        if self.sketched(global_state, len(num_samples)):
+            return _SketchStep(self, global_state, weights, info, memory)
+        return Collecting(lambda uploads: self._exact_step(global_state, uploads, weights, info, memory))
+
+    def _exact_step(self, global_state, uploads, weights, info: RoundInfo, memory: State) -> tuple[Payload, State]:
+        """The batch step: every client's reconstructed factors at once (factored or dense target)."""
         cfg = self.config
-        weights = aggregation_weights(num_samples, cfg.weighting)
-        sent = self.sent_keys(global_state)
-        odd = info.round % 2 == 1
-        out: dict[str, torch.Tensor] = {}
-        seeds: dict[str, tuple[int, float]] = {}
-        new_memory: State = {}
-        done: set[str] = set()
-        diag = _Diagnostics() if cfg.diagnostics else None
-        for module, (b_key, a_key) in lora_pairs({k: global_state[k] for k in sent}).items():
+        step = _Step(self, global_state, info, memory)
+        for module, (b_key, a_key) in step.pairs.items():
             B0, A0 = global_state[b_key], global_state[a_key]
-            work = torch.promote_types(B0.dtype, torch.float64 if cfg.server_dtype == "float64" else torch.float32)
+            work = self._work(B0)
             B, A = B0.to(work), A0.to(work)
             Bs = [b.to(work) for b in reconstruct(global_state, uploads, b_key)]
             As = [a.to(work) for a in reconstruct(global_state, uploads, a_key)]
             _check_inputs(B, A, Bs, As, weights, info.round)
-            L, R = target(B, A, Bs, As, weights, cfg.efficient, cfg.method)
-            if R is None and (cfg.download_feedback or diag is not None):
-                R = torch.eye(A.shape[1], dtype=work, device=A.device)  # dense T = T @ I
-            fb_L, fb_R = _feedback_keys(module)
-            if cfg.download_feedback and fb_L in memory:
-                L = torch.cat([L, memory[fb_L].to(work)], dim=1)
-                R = torch.cat([R, memory[fb_R].to(work)], dim=0)
-            dB, dA = solve_factor(L, R, B, A, info.round, cfg.solve, cfg.solve_tol)
-            key, delta = (b_key, dB.to(B0.dtype)) if odd else (a_key, dA.to(A0.dtype))
-            solved = delta
-            if cfg.download_drop > 0.0:
-                seed = derive_seed(info.seed, "download", info.round, key)
-                delta = dare(delta, cfg.download_drop, seed, rescale=cfg.download_rescale)
-                seeds[key] = (seed, 1.0 - cfg.download_drop)
-            out[key] = delta
-            done.update((b_key, a_key))
-            if cfg.download_feedback or diag is not None:
-                d = delta.to(work)
-                # what is left of T after the broadcast: T - dB' A (odd) or T - B dA' (even)
-                res_L = torch.cat([L, -d], dim=1) if odd else torch.cat([L, -B], dim=1)
-                res_R = torch.cat([R, A], dim=0) if odd else torch.cat([R, d], dim=0)
-                if diag is not None:
-                    diag.add(B, A, odd, solved, d, _norm2(L, R), _norm2(res_L, res_R))
-                if cfg.download_feedback:
-                    keep_L, keep_R = truncated_svd_of_sum([res_L], [res_R], [1.0], 2 * B.shape[1])
-                    new_memory[fb_L], new_memory[fb_R] = keep_L.to(B0.dtype).contiguous(), keep_R.to(A0.dtype).contiguous()
-        for key in sent:  # anything that is not a LoRA factor: plain FedAvg of the deltas
-            if key not in done:
-                out[key] = mean_delta(global_state, uploads, weights, key)
-        stats = diag.summary() if diag is not None else {}
-        payload = Payload(out, seeds=seeds, meta={"kind": KIND_DELTA, "round": info.round}, stats=stats)
-        return payload, new_memory
+            L, R = target(B, A, Bs, As, weights, cfg.efficient, cfg.method if cfg.method == "dense" else "factored")
+            step.module(module, B, A, L, R)
+        for key in step.sent:  # anything that is not a LoRA factor: plain FedAvg of the deltas
+            if key not in step.done:
+                step.out[key] = mean_delta(global_state, uploads, weights, key)
+        return step.finish()
 
     def apply_broadcast(self, state, broadcast: Payload):
         out = super().apply_broadcast(state, broadcast)
@@ -359,6 +363,99 @@ class FedSRD(SparseUploadClient, Algorithm):
                     B, A = balance_factors(out[b_key], out[a_key])
                     out[b_key], out[a_key] = B.contiguous(), A.contiguous()
         return out
+
+
+class _Step:
+    """What one FedSRD server step builds, module by module: given a module's target T = L @ R,
+    the Eq. 12-13 solve, DARE, the download error feedback and the diagnostics (shared by the
+    exact and the sketched steps)."""
+
+    def __init__(self, alg: FedSRD, global_state, info: RoundInfo, memory: State) -> None:
+        self.alg, self.cfg, self.info, self.memory = alg, alg.config, info, memory
+        self.global_state = global_state
+        self.sent = alg.sent_keys(global_state)
+        self.pairs = lora_pairs({k: global_state[k] for k in self.sent})
+        self.odd = info.round % 2 == 1
+        self.out: dict[str, torch.Tensor] = {}
+        self.seeds: dict[str, tuple[int, float]] = {}
+        self.new_memory: State = {}
+        self.done: set[str] = set()
+        self.diag = _Diagnostics() if self.cfg.diagnostics else None
+
+    def module(self, module: str, B: torch.Tensor, A: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None) -> None:
+        cfg, info, odd, diag, memory = self.cfg, self.info, self.odd, self.diag, self.memory
+        b_key, a_key = self.pairs[module]
+        B0, A0 = self.global_state[b_key], self.global_state[a_key]
+        work = B.dtype
+        if R is None and (cfg.download_feedback or diag is not None):
+            R = torch.eye(A.shape[1], dtype=work, device=A.device)  # dense T = T @ I
+        fb_L, fb_R = _feedback_keys(module)
+        if cfg.download_feedback and fb_L in memory:
+            L = torch.cat([L, memory[fb_L].to(work)], dim=1)
+            R = torch.cat([R, memory[fb_R].to(work)], dim=0)
+        dB, dA = solve_factor(L, R, B, A, info.round, cfg.solve, cfg.solve_tol)
+        key, delta = (b_key, dB.to(B0.dtype)) if odd else (a_key, dA.to(A0.dtype))
+        solved = delta
+        if cfg.download_drop > 0.0:
+            seed = derive_seed(info.seed, "download", info.round, key)
+            delta = dare(delta, cfg.download_drop, seed, rescale=cfg.download_rescale)
+            self.seeds[key] = (seed, 1.0 - cfg.download_drop)
+        self.out[key] = delta
+        self.done.update((b_key, a_key))
+        if cfg.download_feedback or diag is not None:
+            d = delta.to(work)
+            # what is left of T after the broadcast: T - dB' A (odd) or T - B dA' (even)
+            res_L = torch.cat([L, -d], dim=1) if odd else torch.cat([L, -B], dim=1)
+            res_R = torch.cat([R, A], dim=0) if odd else torch.cat([R, d], dim=0)
+            if diag is not None:
+                diag.add(B, A, odd, solved, d, _norm2(L, R), _norm2(res_L, res_R))
+            if cfg.download_feedback:
+                keep_L, keep_R = truncated_svd_of_sum([res_L], [res_R], [1.0], 2 * B.shape[1])
+                self.new_memory[fb_L], self.new_memory[fb_R] = keep_L.to(B0.dtype).contiguous(), keep_R.to(A0.dtype).contiguous()
+
+    def finish(self, extra: Mapping[str, float] | None = None) -> tuple[Payload, State]:
+        stats = self.diag.summary() if self.diag is not None else {}
+        if self.diag is not None and extra:
+            stats.update(extra)
+        meta = {"kind": KIND_DELTA, "round": self.info.round}
+        return Payload(self.out, seeds=self.seeds, meta=meta, stats=stats), self.new_memory
+
+
+class _SketchStep(Aggregator):
+    """The streaming FedSRD step: each upload is folded into one `ProductSketch` per module
+    (fedlowrank.sketch) and let go; at the end each module's target comes from the sketch:
+    SVD_r of the approximated W, minus B A (FedSRD), or the approximated W - B A (FedSRD-e)."""
+
+    def __init__(self, alg: FedSRD, global_state, weights, info: RoundInfo, memory: State) -> None:
+        self.alg, self.info, self.memory, self.global_state = alg, info, memory, global_state
+        cfg = alg.config
+        self.sums = ModuleSketches(global_state, alg.sent_keys(global_state), weights,
+                                   lambda module: derive_seed(info.seed, "sketch", info.round, module),
+                                   alg._work, cfg.sketch_width)  # fmt: skip
+
+    def add(self, upload: Payload) -> None:
+        self.sums.add(upload)
+
+    def finish(self) -> tuple[Payload, State]:
+        self.sums.check_complete()
+        cfg = self.alg.config
+        step = _Step(self.alg, self.global_state, self.info, self.memory)
+        errors = []
+        for module, sk in self.sums.sketches.items():
+            B, A = sk.B, sk.A
+            r = B.shape[1]
+            if cfg.efficient:
+                L, R = sk.factors(difference=True)
+                left, right = L, R
+            else:
+                Lw, Rw = sk.factors()
+                left, right = truncated_svd_of_sum([Lw], [Rw], [1.0], r)
+                L, R = torch.cat([left, B], dim=1), torch.cat([right, -A], dim=0)
+            errors.append(sk.first_order_error(left, right) if not cfg.efficient else 0.0)
+            step.module(module, B, A, L, R)
+        for key, acc in self.sums.means.sums.items():
+            step.out[key] = acc
+        return step.finish({"sketched": 1.0, "sketch_error_max": max(errors, default=0.0)})
 
 
 class _Diagnostics:

@@ -1,26 +1,47 @@
 """FlexLoRA (Bai et al., NeurIPS 2024): average the full-rank products B_i A_i, truncate to
 rank r by SVD and broadcast dense B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T.
 
-The SVD is taken in factor space (`fedlowrank.lora.truncated_svd_of_sum`), never building the
-d_out x d_in average. Non-LoRA keys are averaged as in FedAvg.
+The SVD is taken in factor space, never building the d_out x d_in average: exactly
+(`fedlowrank.lora.truncated_svd_of_sum` over every client's factors) or, with `method =
+"sketch"` (or "auto" beyond `sketch_above` = clients x rank), from a streaming sketch that
+folds each upload in and lets it go (`fedlowrank.sketch`, shared with FedSRD). Non-LoRA keys
+are averaged as in FedAvg.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from fedlowrank.algorithms.base import KIND_STATE, RoundInfo, aggregation_weights, mean_delta, reconstruct
-from fedlowrank.algorithms.fedavg import FedAvg
+from fedlowrank.algorithms.aggregation import Aggregator, Collecting, ModuleSketches, aggregate
+from fedlowrank.algorithms.base import KIND_STATE, RoundInfo, State, aggregation_weights, check_fields, derive_seed, mean_delta, reconstruct
+from fedlowrank.algorithms.fedavg import FedAvg, FedAvgConfig
+from fedlowrank.config import choice
 from fedlowrank.lora import lora_pairs, truncated_svd_of_sum
 from fedlowrank.payload import Payload
 
-__all__ = ["FlexLoRA"]
+__all__ = ["FlexLoRA", "FlexLoRAConfig"]
+
+
+@dataclass(frozen=True)
+class FlexLoRAConfig(FedAvgConfig):
+    # "factored": exact; "sketch": streaming (fedlowrank.sketch); "auto": exact while
+    # clients x rank <= sketch_above. sketch_width as in FedSRD.
+    method: str = "auto"
+    sketch_above: int = 512
+    sketch_width: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choice(self.method, "method", ("auto", "factored", "sketch"))
+        check_fields(self, sketch_above=(0, 10**9), sketch_width=(0, 10**6))
 
 
 class FlexLoRA(FedAvg):
     name = "flexlora"
+    Config = FlexLoRAConfig
 
     def server_broadcast(
         self,
@@ -29,7 +50,19 @@ class FlexLoRA(FedAvg):
         num_samples: Sequence[int],
         info: RoundInfo,
     ) -> Payload:
-        weights = aggregation_weights(num_samples, self.config.weighting)
+        return aggregate(self.aggregator(global_state, num_samples, info, {}), uploads)[0]
+
+    def aggregator(self, global_state, num_samples, info: RoundInfo, memory: State) -> Aggregator:
+        cfg = self.config
+        weights = aggregation_weights(num_samples, cfg.weighting)
+        sent = self.sent_keys(global_state)
+        pairs = lora_pairs({k: global_state[k] for k in sent})
+        rank = max((global_state[b].shape[1] for b, _ in pairs.values()), default=0)
+        if cfg.method == "sketch" or (cfg.method == "auto" and len(num_samples) * rank > cfg.sketch_above):
+            return _SketchStep(global_state, sent, weights, info, cfg.sketch_width)
+        return Collecting(lambda uploads: (self._exact(global_state, uploads, weights, info), {}))
+
+    def _exact(self, global_state, uploads, weights, info: RoundInfo) -> Payload:
         sent = self.sent_keys(global_state)
         out: dict[str, torch.Tensor] = {}
         for b_key, a_key in lora_pairs({k: global_state[k] for k in sent}).values():
@@ -39,3 +72,29 @@ class FlexLoRA(FedAvg):
             if key not in out:
                 out[key] = global_state[key] + mean_delta(global_state, uploads, weights, key)
         return Payload(out, meta={"kind": KIND_STATE, "round": info.round})
+
+
+class _SketchStep(Aggregator):
+    def __init__(self, global_state, sent, weights, info: RoundInfo, width: int) -> None:
+        self.global_state, self.round = global_state, info.round
+        self.sums = ModuleSketches(global_state, sent, weights, lambda module: derive_seed(info.seed, "sketch", info.round, module),
+                                   lambda t: torch.promote_types(t.dtype, torch.float32), width)  # fmt: skip
+
+    def add(self, upload: Payload) -> None:
+        self.sums.add(upload)
+
+    def finish(self) -> tuple[Payload, State]:
+        self.sums.check_complete()
+        out: dict[str, torch.Tensor] = {}
+        errors = []
+        for module, sk in self.sums.sketches.items():
+            b_key, a_key = self.sums.pairs[module]
+            L, R = sk.factors()
+            B, A = truncated_svd_of_sum([L], [R], [1.0], sk.B.shape[1])
+            errors.append(sk.first_order_error(B, A))
+            dt = self.global_state[b_key].dtype
+            out[b_key], out[a_key] = B.to(dt), A.to(dt)
+        for key, acc in self.sums.means.sums.items():
+            out[key] = self.global_state[key] + acc
+        stats = {"sketched": 1.0, "sketch_error_max": max(errors, default=0.0)}
+        return Payload(out, meta={"kind": KIND_STATE, "round": self.round}, stats=stats), {}

@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -160,9 +161,7 @@ class RoundServer:
             orders.append(order)
 
         results = self.transport.train(t, orders)
-        uploads: list[Payload] = []
-        weights: list[int] = []
-        accepted: list[int] = []
+        uploads: list[_Upload] = []
         for order in orders:  # in client order, whatever order the results came in
             i, rec, res = order.client, records[order.client], results.get(order.client)
             if res is not None:
@@ -176,25 +175,24 @@ class RoundServer:
             if res.num_samples != known:
                 self._leave_out(t, rec, "rejected", f"claims {res.num_samples} training samples; its partition has {known}")
                 continue
-            got, seconds = self._accept_upload(t, rec, res.upload)
+            norm, seconds = self._accept_upload(t, rec, res.upload)
             server_s += seconds
-            if got is not None:
-                uploads.append(got)
-                weights.append(known)
-                accepted.append(i)
+            if norm is not None:
+                uploads.append(_Upload(i, known, res.upload, norm))
 
         broadcast_bytes, diagnostics, enc = 0, {}, None
         t0 = time.perf_counter()
-        uploads, weights, accepted = self._bound_influence(t, records, uploads, weights, accepted)
+        uploads = self._bound_influence(t, records, uploads)
         while uploads:
             try:
-                enc, diagnostics = self._aggregate(t, uploads, weights)
+                enc, diagnostics = self._aggregate(t, uploads)
                 break
             except Exception as e:  # noqa: BLE001 - no upload may stop the run: blame the largest one
-                j = max(range(len(uploads)), key=lambda j: upload_norm(uploads[j]))
-                self._leave_out(t, records[accepted[j]], "rejected", f"the server step failed with this upload "
+                j = max(range(len(uploads)), key=lambda j: uploads[j].norm * uploads[j].scale)
+                self._leave_out(t, records[uploads[j].client], "rejected", f"the server step failed with this upload "
                                 f"(the round's largest): {type(e).__name__}: {str(e)[:200]}")  # fmt: skip
-                del uploads[j], weights[j], accepted[j]
+                del uploads[j]
+        accepted = [u.client for u in uploads]
         server_s += time.perf_counter() - t0
         if enc is not None:
             broadcast_bytes = len(enc.data)
@@ -218,12 +216,18 @@ class RoundServer:
         rec.fail(status, reason)
         log.warning("round %d: client %d left out: %s", t, rec.client, reason)
 
-    def _accept_upload(self, t: int, rec: ClientRound, data: bytes) -> tuple[Payload | None, float]:
-        """Decode one client's upload bytes against the expected shapes; (None, seconds) and a
-        logged reason in `rec` when they are malformed or stamped for another round."""
+    def _decode(self, data: bytes) -> Payload:
+        return decode_payload(data, self.upload_shapes)
+
+    def _accept_upload(self, t: int, rec: ClientRound, data: bytes) -> tuple[float | None, float]:
+        """Check one client's upload bytes against the expected shapes, its stamp and its values;
+        (its norm, seconds), or (None, seconds) and a logged reason in `rec` when they are malformed
+        or stamped for another round. The decoded tensors are let go: the bytes are kept, and
+        decoded again one upload at a time when the round is aggregated."""
         t0 = time.perf_counter()
+        norm = None
         try:
-            got = decode_payload(data, self.upload_shapes)
+            got = self._decode(data)
             stamp = (got.meta.get("round"), got.meta.get("client"))
             if stamp != (t, rec.client):  # a replay of old bytes, or another client's
                 raise PayloadError(f"upload is stamped round {stamp[0]}, client {stamp[1]}; this is round {t}, "
@@ -231,41 +235,47 @@ class RoundServer:
             bad = [k for k, v in got.tensors.items() if not bool(torch.isfinite(v).all())]
             if bad:
                 raise PayloadError(f"non-finite values in {bad[:3]}")
+            norm = upload_norm(got)
         except PayloadError as e:
             self._leave_out(t, rec, "rejected", f"upload rejected: {e}")
-            got = None
-        return got, time.perf_counter() - t0
+        return norm, time.perf_counter() - t0
 
-    def _bound_influence(self, t, records, uploads, weights, accepted):
+    def _bound_influence(self, t, records, uploads: list["_Upload"]) -> list["_Upload"]:
         """`sim.outlier_ratio`: with 3 or more uploads, one whose norm exceeds the ratio times
         the round's median norm is rejected (`outliers = "reject"`) or scaled down to that bound."""
         ratio = self.cfg.outlier_ratio
         if not ratio or len(uploads) < 3:
-            return uploads, weights, accepted
-        norms = [upload_norm(u) for u in uploads]
-        bound = ratio * float(np.median(norms))
+            return uploads
+        bound = ratio * float(np.median([u.norm for u in uploads]))
         keep = []
-        for j, (u, norm) in enumerate(zip(uploads, norms, strict=True)):
-            if norm <= bound:
-                keep.append(j)
+        for u in uploads:
+            if u.norm <= bound:
+                keep.append(u)
             elif self.cfg.outliers == "clip":
-                scale = bound / norm
-                uploads[j] = Payload({k: v * scale for k, v in u.tensors.items()}, u.seeds, u.meta)
-                records[accepted[j]].diagnostics["clipped_by"] = scale
+                u.scale = bound / u.norm
+                records[u.client].diagnostics["clipped_by"] = u.scale
                 log.warning("round %d: client %d's update norm %.3g is above %g x the median (%.3g): scaled by %.3g",
-                            t, accepted[j], norm, ratio, bound / ratio, scale)  # fmt: skip
-                keep.append(j)
+                            t, u.client, u.norm, ratio, bound / ratio, u.scale)  # fmt: skip
+                keep.append(u)
             else:
-                self._leave_out(t, records[accepted[j]], "rejected", f"update norm {norm:.3g} is above {ratio:g} x the "
+                self._leave_out(t, records[u.client], "rejected", f"update norm {u.norm:.3g} is above {ratio:g} x the "
                                 f"round's median ({bound / ratio:.3g}); sim.outlier_ratio bounds it")  # fmt: skip
-        return [uploads[j] for j in keep], [weights[j] for j in keep], [accepted[j] for j in keep]
+        return keep
 
-    def _aggregate(self, t: int, uploads: list[Payload], weights: list[int]) -> tuple[Encoded, dict]:
+    def _aggregate(self, t: int, uploads: list["_Upload"]) -> tuple[Encoded, dict]:
         """Build, encode and decode round t's broadcast, and apply the decoded payload (what
         every client applies too) to the global state; returns (encoded, the server's
-        diagnostics). Nothing changes unless it all succeeds with finite values (else it raises)."""
+        diagnostics). The uploads are decoded and fed to the algorithm's aggregator one at a
+        time. Nothing changes unless it all succeeds with finite values (else it raises)."""
         st, cfg, alg = self.state, self.cfg, self.alg
-        bc, memory = alg.server_step(st.global_state, uploads, weights, RoundInfo(t, self.seed), st.server_memory)
+        agg = alg.aggregator(st.global_state, [u.weight for u in uploads], RoundInfo(t, self.seed), st.server_memory)
+        for u in uploads:
+            got = self._decode(u.data)
+            if u.scale != 1.0:
+                got = Payload({k: v * u.scale for k, v in got.tensors.items()}, got.seeds, got.meta)
+            agg.add(got)
+            del got
+        bc, memory = agg.finish()
         enc = encode(bc, cfg.download_positions, cfg.download_dtype)
         shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
         decoded = decode_payload(enc.data, shapes)  # decoded once; everyone applies these bytes
@@ -350,6 +360,18 @@ class RoundServer:
         finally:
             torch.set_num_threads(before)
         return out
+
+
+@dataclass
+class _Upload:
+    """An accepted upload as the server keeps it until the round is aggregated: its encoded
+    bytes (a few percent of a dense copy for sparse uploads), weight, norm and clip scale."""
+
+    client: int
+    weight: int
+    data: bytes
+    norm: float
+    scale: float = 1.0
 
 
 def aggregate_evaluations(results: list[EvalResult]) -> dict[str, float]:

@@ -73,17 +73,20 @@ class PartitionConfig:
       small alpha = skewed labels, large alpha = nearly IID.
     * `labels`: each client holds `labels_per_client` classes (client i: classes i, i+1, ...
       modulo the class count), each class split evenly among its holders.
+    * `iid`: a random permutation dealt out evenly, every client within one sample of every
+      other (so even 1,000 clients of a small data set each get at least one when there are as
+      many samples).
     """
 
     num_clients: int = 10
-    partition: Literal["dirichlet", "labels"] = "dirichlet"
+    partition: Literal["dirichlet", "labels", "iid"] = "dirichlet"
     alpha: float = 0.5
     labels_per_client: int = 2
     min_samples: int = 8  # dirichlet: redraw until every client has at least this many
 
     def __post_init__(self) -> None:
         require(1 <= self.num_clients <= 100_000, "num_clients", f"must lie in [1, 100000], got {self.num_clients}")
-        choice(self.partition, "partition", ("dirichlet", "labels"))
+        choice(self.partition, "partition", ("dirichlet", "labels", "iid"))
         require(0.0 < self.alpha <= 1e6, "alpha", f"must lie in (0, 1e6], got {self.alpha}")
         require(self.labels_per_client >= 1, "labels_per_client", f"must be >= 1, got {self.labels_per_client}")
         require(self.min_samples >= 0, "min_samples", f"must be >= 0, got {self.min_samples}")
@@ -141,6 +144,10 @@ def partition_labels(
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Client index sets of `labels` and the class shares used (to split a test set alike)."""
     rng = np.random.default_rng(derive_seed(seed, "partition"))
+    if cfg.partition == "iid":
+        m = cfg.num_clients
+        parts = [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), m)]
+        return parts, np.full((num_classes, m), 1.0 / m)
     shares = _label_shares(np.asarray(labels), num_classes, cfg, rng)
     return split_like(np.asarray(labels), shares, rng), shares
 

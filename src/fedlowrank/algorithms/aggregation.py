@@ -1,0 +1,118 @@
+"""Streaming aggregation: the server folds each accepted upload in and lets it go.
+
+`Algorithm.aggregator(global_state, num_samples, info, memory)` returns an `Aggregator`; the
+runtime decodes one upload at a time, calls `add(upload)` in the order of `num_samples`, then
+`finish()` for (broadcast, new server memory). Memory is then the global state plus the
+aggregator's accumulators plus one decoded upload, never m decoded copies.
+
+* `Collecting` keeps the uploads and runs a batch step at the end: the default, and what the
+  exact FedSRD / FlexLoRA steps use (their factored SVD needs every client's factors at once).
+* `WeightedMeans`: per-key weighted means, the same additions in the same order as
+  `base.weighted_mean`, so streaming FedAvg equals the batch mean bit for bit.
+* `ModuleSketches`: one `fedlowrank.sketch.ProductSketch` per LoRA module (plus weighted means
+  of the other keys): the streaming FedSRD / FlexLoRA server steps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from fedlowrank.lora import lora_pairs
+from fedlowrank.payload import Payload
+from fedlowrank.sketch import ProductSketch
+
+__all__ = ["Aggregator", "Collecting", "WeightedMeans", "ModuleSketches", "aggregate"]
+
+State = dict[str, torch.Tensor]
+
+
+class Aggregator(ABC):
+    """One round's server step, fed one upload at a time."""
+
+    @abstractmethod
+    def add(self, upload: Payload) -> None:
+        """Fold in the next upload (in the order of the round's sample counts)."""
+
+    @abstractmethod
+    def finish(self) -> tuple[Payload, State]:
+        """The broadcast and the server's new memory."""
+
+
+def aggregate(aggregator: Aggregator, uploads: Iterable[Payload]) -> tuple[Payload, State]:
+    """Feed `uploads` to `aggregator` in order and finish it."""
+    for u in uploads:
+        aggregator.add(u)
+    return aggregator.finish()
+
+
+class Collecting(Aggregator):
+    """Keeps every upload and calls `step(uploads)` at the end (a batch server step)."""
+
+    def __init__(self, step: Callable[[list[Payload]], tuple[Payload, State]]) -> None:
+        self.step = step
+        self.uploads: list[Payload] = []
+
+    def add(self, upload: Payload) -> None:
+        self.uploads.append(upload)
+
+    def finish(self) -> tuple[Payload, State]:
+        return self.step(self.uploads)
+
+
+class WeightedMeans:
+    """sum_j w_j * upload_j[key] for each key, accumulated in the global state's dtype."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], keys: Sequence[str], weights: Sequence[float]) -> None:
+        self.weights = [float(w) for w in weights]
+        self.sums = {k: torch.zeros_like(global_state[k]) for k in keys}
+        self.count = 0
+
+    def add(self, upload: Payload) -> float:
+        """Fold `upload` in; returns its weight."""
+        if self.count >= len(self.weights):
+            raise ValueError(f"more uploads than the {len(self.weights)} sample counts given")
+        w = self.weights[self.count]
+        for k, acc in self.sums.items():
+            acc.add_(upload.tensors[k].to(acc.dtype), alpha=w)
+        self.count += 1
+        return w
+
+    def check_complete(self) -> None:
+        if self.count != len(self.weights):
+            raise ValueError(f"got {self.count} uploads for {len(self.weights)} sample counts")
+
+
+class ModuleSketches:
+    """A `ProductSketch` per LoRA module of `keys` (in `work` dtype, seeded by `seed_of(module)`)
+    and weighted means of the other keys."""
+
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        keys: Sequence[str],
+        weights: Sequence[float],
+        seed_of: Callable[[str], int],
+        work: Callable[[torch.Tensor], torch.dtype],
+        width: int,
+    ) -> None:
+        self.pairs = lora_pairs({k: global_state[k] for k in keys})
+        in_pairs = {k for pair in self.pairs.values() for k in pair}
+        self.means = WeightedMeans(global_state, [k for k in keys if k not in in_pairs], weights)
+        self.sketches: dict[str, ProductSketch] = {}
+        for module, (b_key, a_key) in self.pairs.items():
+            B, A = global_state[b_key], global_state[a_key]
+            dt = work(B)
+            self.sketches[module] = ProductSketch(B.to(dt), A.to(dt), seed_of(module), width=width)
+
+    def add(self, upload: Payload) -> None:
+        w = self.means.add(upload)
+        for module, (b_key, a_key) in self.pairs.items():
+            sk = self.sketches[module]
+            dt = sk.B.dtype
+            sk.add(upload.tensors[b_key].to(dt), upload.tensors[a_key].to(dt), w)
+
+    def check_complete(self) -> None:
+        self.means.check_complete()

@@ -1,0 +1,154 @@
+"""A one-pass, streaming approximation of the aggregated LoRA product W = sum_i p_i B_i A_i.
+
+The FedSRD server (Yan et al., WWW '26, Eq. 9-10) and FlexLoRA (Bai et al., NeurIPS '24) need
+the rank-r SVD of W, with B_i = B + dB_i and A_i = A + dA_i the clients' reconstructed factors.
+Exactly, through the factors, that costs O((d_out + d_in) (m r)^2) for m clients (a QR of
+[B_1..B_m]), which passes the dense method near m = 64. Expanding each client's product,
+
+    W = B (A + dA_bar) + dB_bar A + E,      E = sum_i p_i dB_i dA_i,
+
+with dA_bar = sum_i p_i dA_i and dB_bar = sum_i p_i dB_i. Everything but E is linear in the
+uploads and accumulated exactly. E (a sum of products of two small deltas, rank up to m r)
+enters SVD_r(W) to first order only through its projections onto W's leading subspaces, and
+those are close to the spans of the global factors B and A^T. With U, V orthonormal bases of
+range(B) and range(A^T), the streamed sums E V = sum_i p_i dB_i (dA_i V) and
+U^T E = sum_i p_i (U^T dB_i) dA_i give the cross approximation
+
+    E ~ E V V^T + U (U^T E - U^T E V V^T),
+
+exact on everything E does inside either span; what is left out, (I - U U^T) E (I - V V^T),
+moves SVD_r(W) at second order only. Optionally (`width` > 0) that remainder is sketched too,
+as in Tropp, Yurtsever, Udell and Cevher (SIAM J. Matrix Anal. Appl. 2017, Alg. 1-3): a range
+sketch Y = E_rem Omega and a co-range sketch Z = Psi E_rem, Q = orth(Y), X = (Psi Q)^+ Z. With
+`width` >= m r the remainder is captured exactly, so the result equals the exact one (test).
+Measured (benchmarks/server_scaling.py): a random remainder sketch narrower than m r adds noise
+directions that compete with the true ones, so `width = 0` is the default.
+
+The result is W ~ L @ R with L = [B, dB_bar, E V, U, Q] and R = [A + dA_bar; A; V^T; U^T E -
+U^T E V V^T; X], whose rank-r SVD is taken in factor space. FedSRD-e's solves need only E V
+(odd rounds: T pinv(A), and pinv(A) has A^T's span) or U^T E (even rounds: pinv(B) T), so there
+the approximation is exact whenever B and A have full rank.
+
+* Streaming: each upload is folded in and let go; memory is two adapter-sized means, E V and
+  U^T E (another adapter's worth), plus the optional sketches. Cost per upload
+  O((d_out + d_in) r (2 r + 2 width + probes)).
+* Deterministic: Omega, Psi and the probes come from one seed (the algorithm derives it from the
+  run seed, the round and the module), so runs repeat and resume exactly.
+* `probes` Gaussian columns and rows give an a-posteriori estimate of the first-order error
+  (Halko, Martinsson and Tropp 2011, Sec. 4.3): `first_order_error(left, right)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ProductSketch", "range_basis"]
+
+
+def range_basis(M: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """An orthonormal basis (d x rank) of M's column space, dropping directions below rtol * s_max
+    (a zero or rank-deficient factor, LoRA's B = 0 at the start, gives fewer columns)."""
+    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    if S.numel() == 0 or float(S[0]) <= 0:
+        return M.new_zeros(M.shape[0], 0)
+    return U[:, S > rtol * S[0]].contiguous()
+
+
+class ProductSketch:
+    """Streaming accumulator of W = sum_i p_i (B + dB_i)(A + dA_i) for one LoRA module.
+
+    B (d_out x r), A (r x d_in): the global factors. `add(dB_i, dA_i, p_i)` folds one client in;
+    `factors()` returns (L, R) with W ~ L @ R. `width`: columns of the remainder sketch (0: none);
+    `probes`: columns of the error estimate; `seed`: where the random matrices come from.
+    """
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor, seed: int, width: int = 0, probes: int = 4) -> None:
+        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"ProductSketch: B {tuple(B.shape)} and A {tuple(A.shape)} are not (d_out x r), (r x d_in)")
+        if width < 0 or probes < 0:
+            raise ValueError(f"ProductSketch: width and probes must be >= 0, got {width}, {probes}")
+        d_out, d_in = B.shape[0], A.shape[1]
+        self.B, self.A = B, A
+        self.U, self.V = range_basis(B), range_basis(A.mT)  # (d_out, u), (d_in, v)
+        g = torch.Generator(device="cpu").manual_seed(int(seed) & (2**63 - 1))
+
+        def gauss(*shape):
+            return torch.randn(*shape, generator=g, dtype=B.dtype).to(B.device)
+
+        k = min(width, d_in - self.V.shape[1], d_out - self.U.shape[1])
+        self.width = max(k, 0)
+        l = min(2 * self.width + 1, d_out) if self.width else 0
+        # the remainder's test matrices live in the complements of V and U
+        omega = gauss(d_in, self.width)
+        self.omega = omega - self.V @ (self.V.mT @ omega)
+        psi = gauss(l, d_out)
+        self.psi = psi - (psi @ self.U) @ self.U.mT
+        self.probe_right, self.probe_left = gauss(d_in, probes), gauss(probes, d_out)
+        # the right-hand test matrices side by side: dA_i is multiplied by all of them at once
+        self._right = torch.cat([self.V, self.omega, self.probe_right], dim=1)
+        self._left = torch.cat([self.U.mT, self.psi, self.probe_left], dim=0)
+        self.dB, self.dA = torch.zeros_like(B), torch.zeros_like(A)
+        self._ER = B.new_zeros(d_out, self._right.shape[1])  # E [V, Omega, probes]
+        self._LE = B.new_zeros(self._left.shape[0], d_in)  # [U^T; Psi; probes] E
+        self.count = 0
+
+    def add(self, dB: torch.Tensor, dA: torch.Tensor, weight: float) -> None:
+        """Fold one client's deltas (the factors' dtype and shapes) in with weight p_i."""
+        if dB.shape != self.B.shape or dA.shape != self.A.shape:
+            raise ValueError(f"ProductSketch.add: dB {tuple(dB.shape)}, dA {tuple(dA.shape)}; expected "
+                             f"{tuple(self.B.shape)}, {tuple(self.A.shape)}")  # fmt: skip
+        w = float(weight)
+        self.dB.add_(dB, alpha=w)
+        self.dA.add_(dA, alpha=w)
+        self._ER.add_(dB @ (dA @ self._right), alpha=w)
+        self._LE.add_((self._left @ dB) @ dA, alpha=w)
+        self.count += 1
+
+    def _parts(self):
+        v, k = self.V.shape[1], self.width
+        u, l = self.U.shape[1], self.psi.shape[0]
+        EV, EO, EP = self._ER[:, :v], self._ER[:, v : v + k], self._ER[:, v + k :]
+        UtE, PsiE, PE = self._LE[:u], self._LE[u : u + l], self._LE[u + l :]
+        return EV, EO, EP, UtE, PsiE, PE
+
+    def e_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, G) with E ~ F @ G (the cross approximation plus the remainder sketch)."""
+        EV, EO, _, UtE, PsiE, _ = self._parts()
+        U, V = self.U, self.V
+        F = [EV, U]
+        G = [V.mT, UtE - (U.mT @ EV) @ V.mT]
+        if self.width:
+            # E_rem = (I - U U^T) E (I - V V^T): Omega is orthogonal to V and Psi to U, so
+            # E_rem Omega = (I - U U^T) E Omega and Psi E_rem = Psi E (I - V V^T)
+            Y = EO - U @ (U.mT @ EO)
+            Zr = PsiE - (PsiE @ V) @ V.mT
+            Q, _ = torch.linalg.qr(Y, mode="reduced")
+            X = torch.linalg.lstsq(self.psi @ Q, Zr).solution
+            F.append(Q)
+            G.append(X)
+        return torch.cat(F, dim=1), torch.cat(G, dim=0)
+
+    def factors(self, difference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R) with L @ R ~ W, or ~ W - B A with `difference` (FedSRD-e's target, formed
+        without the cancellation of W - B A)."""
+        F, G = self.e_factors()
+        first = self.dA if difference else self.A + self.dA
+        return torch.cat([self.B, self.dB, F], dim=1), torch.cat([first, self.A, G], dim=0)
+
+    def first_order_error(self, left: torch.Tensor, right: torch.Tensor) -> float:
+        """Estimated first-order error of a rank-r result left @ right ~ SVD_r(W), relative to
+        ||left @ right - B A||: with D = E - F G (what the approximation missed) and P, S the
+        result's column and row spaces, sqrt(||P^T D||^2 + ||D S||^2), from the probes. 0.0
+        without probes."""
+        _, _, EP, _, _, PE = self._parts()
+        p = EP.shape[1]
+        if not p:
+            return 0.0
+        F, G = self.e_factors()
+        miss_r = EP - F @ (G @ self.probe_right)  # D omega
+        miss_l = PE - (self.probe_left @ F) @ G  # psi D
+        P, S = range_basis(left), range_basis(right.mT)
+        est2 = (float((P.mT @ miss_r).pow(2).sum()) + float((miss_l @ S).pow(2).sum())) / p
+        target = torch.cat([left, -self.B], dim=1), torch.cat([right, self.A], dim=0)
+        t2 = float(((target[0].mT @ target[0]) * (target[1] @ target[1].mT)).sum())
+        return (est2 / t2) ** 0.5 if t2 > 0 else 0.0
