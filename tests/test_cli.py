@@ -108,7 +108,7 @@ def test_resolved_config_round_trips_through_toml():
         (["task.alpha=-1"], "task.alpha: must lie in (0, 1e6], got -1"),
         (["task.lora_layers=7"], "task.lora_layers: must lie in [1, 6], got 7"),
         (["task.name=nope"], "task.name: unknown task 'nope'"),
-        (["task.partition=iid"], "task.partition: got 'iid', allowed: 'dirichlet', 'labels'"),
+        (["task.partition=shards"], "task.partition: got 'shards', allowed: 'dirichlet', 'labels', 'iid'"),
         (["seeed=1"], "seeed: unknown field (did you mean 'seed'?)"),
         (["sim"], "expected key=value"),
     ],

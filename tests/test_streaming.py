@@ -269,3 +269,22 @@ def test_a_thousand_clients_with_a_hundred_per_round(tmp_path):
         assert all(len(x["per_client"]) == 100 for x in lines)
         if name == "fedsrd":
             assert all(x["diagnostics"]["sketched"] == 1.0 for x in lines)
+
+
+def test_iid_partition_deals_evenly_and_an_impossible_dirichlet_is_a_config_error(tmp_path):
+    import numpy as np
+
+    from fedlowrank.config import ConfigError
+    from fedlowrank.tasks.base import PartitionConfig, partition_labels
+
+    labels = np.arange(1347) % 10
+    parts, shares = partition_labels(labels, 10, PartitionConfig(num_clients=1000, partition="iid"), seed=3)
+    sizes = [len(p) for p in parts]
+    assert min(sizes) == 1 and max(sizes) == 2 and sum(sizes) == 1347
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1347))
+    with pytest.raises(ConfigError, match="task.min_samples"):
+        partition_labels(labels, 10, PartitionConfig(num_clients=1000, alpha=1000.0, min_samples=1), seed=3)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('algorithms = ["fedavg"]\n[task]\nname = "digits"\nnum_clients = 1000\nalpha = 1000.0\nmin_samples = 1\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 2  # a config error, no traceback
+    assert not (tmp_path / "run").exists()

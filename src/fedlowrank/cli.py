@@ -3,7 +3,7 @@
     fedlowrank run [PRESET | CONFIG.toml] [--set key=value ...] [--out DIR] [--runtime sim|flower]
     fedlowrank run --resume DIR
     fedlowrank list
-    fedlowrank report DIR [DIR ...] [--out DIR] [--markdown]
+    fedlowrank report DIR [DIR ...] [--out DIR] [--markdown | --json]
     fedlowrank export RUN_DIR --out DIR [--merged] [--round N] [--algorithm NAME]
     fedlowrank generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--round N] [--algorithm NAME]
     fedlowrank demo
@@ -44,11 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sim: in-process (default); flower: Flower's simulation engine, one SuperNode per client (docs/flower.md)")  # fmt: skip
 
     sub.add_parser("list", help="list presets, algorithms and tasks")
+    show = sub.add_parser("show", help="an algorithm's, a task's or [sim]'s options: types, defaults, meaning")
+    show.add_argument("name", help="an algorithm (fedsrd), a task (news-topics) or sim")
 
     rep = sub.add_parser("report", help="compare finished runs: a table and a plot")
     rep.add_argument("dirs", nargs="+", type=Path, help="run directories (a comparison run counts as its runs)")
     rep.add_argument("--out", type=Path, help="write summary.md, summary.json and curves.png here")
-    rep.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    rep.add_argument("--markdown", action="store_true", help="print the whole table as markdown (every column)")
+    rep.add_argument("--json", action="store_true", help="print the runs' summaries as JSON (every field)")
 
     exp = sub.add_parser("export", help="write a run's PEFT adapter (or the merged model) to a folder")
     exp.add_argument("run", type=Path, help="run directory (finished or not)")
@@ -107,8 +110,9 @@ class _RichProgress:
             self.progress.console.print(f"[bold yellow]{_no_update(algorithm, record)}[/bold yellow]")
 
     def finish(self, algorithm: str, summary: dict[str, Any]) -> None:
-        if algorithm not in self.tasks:  # finished before a resume
-            self.tasks[algorithm] = self.progress.add_task(algorithm, total=summary["rounds"], completed=summary["rounds"], info="done")
+        if algorithm not in self.tasks:  # finished before a resume: no clock runs for it
+            self.tasks[algorithm] = self.progress.add_task(algorithm, total=summary["rounds"], completed=summary["rounds"],
+                                                           info="done before the resume", start=False)  # fmt: skip
 
 
 class _LineProgress:
@@ -145,18 +149,48 @@ def _no_update(algorithm: str, record: dict[str, Any]) -> str:
     return f"warning: {algorithm} round {record['round']}: no upload accepted, the global state is unchanged{why}"
 
 
-def _summary_table(summaries: list[dict[str, Any]], labels: list[str], title: str):
+# columns of the summary table, most important first: narrow terminals drop from the end
+# (`report --markdown` and `--json` always carry every column)
+_COLUMNS = ("algorithm", "accuracy", "MB total", "wall s", "MB up", "MB down", "up bound MB")
+
+
+def _summary_rows(summaries: list[dict[str, Any]], labels: list[str]) -> list[dict[str, str]]:
+    rows = []
+    for s, label in zip(summaries, labels, strict=True):
+        rows.append({
+            "algorithm": label + (f" (seed {s['seed']})" if labels.count(label) > 1 else ""),
+            "accuracy": "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.2f} %",
+            "MB total": f"{s['total_mb']:.3f}", "wall s": f"{s['wall_seconds']:.1f}",
+            "MB up": f"{s['upload_mb']:.3f}", "MB down": f"{s['download_mb']:.3f}",
+            "up bound MB": f"{s['upload_bound_bytes'] / MB:.3f}",
+        })  # fmt: skip
+    return rows
+
+
+def _summary_table(summaries: list[dict[str, Any]], labels: list[str], title: str, width: int = 200):
+    """The summary as a rich table no wider than `width`: numbers are never cut; columns are
+    dropped from the least important, and the algorithm names wrap."""
     from rich.table import Table
 
-    table = Table(title=title)
-    for col in ("algorithm", "accuracy", "MB up", "MB down", "MB total", "up bound MB", "wall s"):
-        table.add_column(col, justify="left" if col == "algorithm" else "right", no_wrap=col == "algorithm")
-    for s, label in zip(summaries, labels, strict=True):
-        acc = "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.2f} %"
-        table.add_row(
-            label + (f" (seed {s['seed']})" if labels.count(label) > 1 else ""), acc, f"{s['upload_mb']:.3f}", f"{s['download_mb']:.3f}",
-            f"{s['total_mb']:.3f}", f"{s['upload_bound_bytes'] / MB:.3f}", f"{s['wall_seconds']:.1f}",
-        )  # fmt: skip
+    rows = _summary_rows(summaries, labels)
+    cols = list(_COLUMNS)
+
+    def need(cs):  # rich's box: a border and one space each side of every cell
+        numbers = sum(max([len(c)] + [len(r[c]) for r in rows]) + 3 for c in cs if c != "algorithm")
+        return numbers + 4 + 1
+
+    while len(cols) > 2 and need(cols) + 12 > width:
+        cols.pop()
+    dropped = [c for c in _COLUMNS if c not in cols]
+    caption = f"(narrow terminal: {', '.join(dropped)} left out; `fedlowrank report --markdown` has them)" if dropped else None
+    table = Table(title=title, caption=caption)
+    for col in cols:
+        if col == "algorithm":
+            table.add_column(col, justify="left", overflow="fold", min_width=8)
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(*(r[c] for c in cols))
     return table
 
 
@@ -203,15 +237,16 @@ def _cmd_run(args, console) -> int:
         return 130
     wall = time.perf_counter() - t0
     if not args.quiet:
-        console.print(_summary_table(summaries, [s["algorithm"] for s in summaries], f"{cfg.name} on {cfg.task_name}"))
-        console.print(f"run directory: {out}   (wall {wall:.1f} s)")
+        console.print(_summary_table(summaries, [s["algorithm"] for s in summaries], f"{cfg.name} on {cfg.task_name}",
+                                     console.width))  # fmt: skip
+    console.print(f"run directory: {out}   (wall {wall:.1f} s)", soft_wrap=True, markup=False)
     return 0
 
 
 def _cmd_list(console) -> int:
     from rich.table import Table
 
-    from fedlowrank.algorithms import ALGORITHMS
+    from fedlowrank.algorithms import ALGORITHMS, algorithm_description
     from fedlowrank.runconfig import DEFAULT_PRESET, list_presets
     from fedlowrank.tasks import TASKS
 
@@ -228,8 +263,7 @@ def _cmd_list(console) -> int:
     algs.add_column("name")
     algs.add_column("description")
     for name, cls in ALGORITHMS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()
-        algs.add_row(name, doc[0] if doc else "")
+        algs.add_row(name, algorithm_description(cls))
     tasks = Table(title="tasks (\\[task] name = ...)")
     tasks.add_column("name")
     tasks.add_column("description")
@@ -237,6 +271,25 @@ def _cmd_list(console) -> int:
         tasks.add_row(name, desc)
     for t in (presets, algs, tasks):
         console.print(t)
+    return 0
+
+
+def _cmd_show(args, console) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from fedlowrank.options import describe
+
+    d = describe(args.name)
+    table = Table(title=escape(f"{d.kind} {d.name}: options ({d.table} in a run config, or --set)"), title_justify="left")
+    table.add_column("option", no_wrap=True)
+    table.add_column("type", overflow="fold")
+    table.add_column("default", overflow="fold")
+    table.add_column("meaning", overflow="fold", ratio=1)
+    for o in d.options:
+        table.add_row(o.name, escape(o.type), escape(o.default), escape(o.doc))
+    console.print(escape(d.description))
+    console.print(table)
     return 0
 
 
@@ -255,10 +308,12 @@ def _cmd_report(args, console) -> int:
         summaries.append(s)
         records.append(recs)
     labels = label_runs(summaries)
-    if args.markdown:
+    if args.json:
+        print(json.dumps({"runs": summaries, "dirs": [str(r.path) for r in runs]}, indent=1))
+    elif args.markdown:
         print(markdown_table(summaries), end="")
     else:
-        console.print(_summary_table(summaries, labels, f"{len(runs)} run(s)"))
+        console.print(_summary_table(summaries, labels, f"{len(runs)} run(s)", console.width))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         top = RunDir(args.out)
@@ -303,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args, console)
         if args.command == "list":
             return _cmd_list(console)
+        if args.command == "show":
+            return _cmd_show(args, console)
         if args.command == "report":
             return _cmd_report(args, console)
         if args.command == "export":

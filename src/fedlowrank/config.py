@@ -87,6 +87,12 @@ def _check_type(value: Any, tp: Any, field: str) -> Any:
     return value
 
 
+def did_you_mean(name: str, choices) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices` to a misspelt `name`, or ""."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types by name."""
     prefix = f"{where}." if where else ""
@@ -95,10 +101,8 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"{prefix}{key}: unknown field{hint}; allowed: {', '.join(sorted(fields))}"
+                f"{prefix}{key}: unknown field{did_you_mean(key, fields)}; allowed: {', '.join(sorted(fields))}"
             )
         kwargs[key] = _check_type(value, hints[key], f"{prefix}{key}")
     try:
@@ -107,3 +111,36 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         if prefix and not str(e).startswith(prefix):
             raise ConfigError(f"{prefix}{e}") from None
         raise
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's documentation, read from the source next to the field: the comment
+    lines right above it, or the comment at the end of its line (base classes first, so a
+    subclass's comment wins). What `fedlowrank show` prints; a test requires one for every
+    option of every registered algorithm and task, so they cannot drift apart."""
+    import inspect
+    import re
+
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    docs: dict[str, str] = {}
+    field_line = re.compile(r"^    (\w+)\s*:[^=#]*(?:=[^#]*)?(?:#\s?(.*))?$")
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in src.splitlines():
+            stripped = line.strip()
+            if line.startswith("    #") and not line.startswith("     "):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            m = field_line.match(line)
+            if m and m.group(1) in names:
+                text = " ".join(above) or (m.group(2) or "").strip()
+                if text and "fmt:" not in text:
+                    docs[m.group(1)] = text
+            above = []
+    return docs

@@ -16,21 +16,28 @@ __all__ = ["SimConfig", "POSITIONS"]
 class SimConfig:
     """The runtime's knobs (the `[sim]` table of a run config)."""
 
+    # federated rounds to run
     rounds: int = 10
     clients_per_round: int = 0  # 0: use `fraction`
     fraction: float = 1.0  # of all clients, at least one
     eval_every: int = 1  # evaluate every N rounds, and always after the last
     evaluation: Literal["auto", "global", "clients"] = "auto"  # auto: clients iff local keys exist
+    # how uploads send positions: "auto" (the smaller of golomb and dense per tensor), "golomb", "bitmap" or "dense"
     upload_positions: Literal["auto", "golomb", "bitmap", "dense"] = "auto"
+    # upload values on the wire: fp32 (exact), bf16 or fp16
     upload_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # as upload_positions, for broadcasts
     download_positions: Literal["auto", "golomb", "bitmap", "dense"] = "auto"
+    # broadcast values on the wire (full-state catch-ups are always fp32)
     download_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # every client keeps its own copy built from the bytes it was sent, checked against the server's before it trains (slow; tests)
     verify_sync: bool = False
     threads: int = 0  # torch threads during the run; 0: the task's choice (tiny models: 1)
     # a bound on one client's influence: an upload whose norm exceeds `outlier_ratio` times the
     # median norm of the round's uploads (3 or more) is rejected, or scaled down to that bound
     # ("clip"); 0 turns the bound off
     outlier_ratio: float = 10.0
+    # what happens to an upload above the outlier bound: "reject" or "clip" (scaled down to it)
     outliers: Literal["reject", "clip"] = "reject"
 
     def __post_init__(self) -> None:

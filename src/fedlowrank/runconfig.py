@@ -26,7 +26,6 @@ which loads back to an equal config.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import tomllib
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlowrank.algorithms import ALGORITHMS, make_algorithm
-from fedlowrank.config import ConfigError, from_mapping
+from fedlowrank.config import ConfigError, did_you_mean, from_mapping
 from fedlowrank.roundconfig import SimConfig
 from fedlowrank.tasks import TASKS, task_config
 
@@ -121,9 +120,7 @@ def _resolve_source(source: str | None) -> Path:
         return p
     presets = list_presets()
     if source not in presets:
-        close = difflib.get_close_matches(source, list(presets), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {source!r}{hint}; available: {', '.join(sorted(presets)) or 'none'}")
+        raise ConfigError(f"unknown preset {source!r}{did_you_mean(source, presets)}; available: {', '.join(sorted(presets)) or 'none'}")
     return presets[source]
 
 
@@ -161,9 +158,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def _unknown(key: str, allowed: Sequence[str], where: str = "") -> ConfigError:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{where}{key}: unknown field{hint}; allowed: {', '.join(allowed)}")
+    return ConfigError(f"{where}{key}: unknown field{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
 
 
 def _variant_base(label: str, options: Mapping[str, Any], where: str = "algorithms") -> str:
@@ -174,10 +169,10 @@ def _variant_base(label: str, options: Mapping[str, Any], where: str = "algorith
         if label == base:
             what = f"algorithms: unknown algorithm {label!r}" if where == "algorithms" else f"algorithm.{label}: unknown algorithm"
             raise ConfigError(
-                f"{what}; available: {', '.join(sorted(ALGORITHMS))} "
+                f"{what}{did_you_mean(label, ALGORITHMS)}; available: {', '.join(sorted(ALGORITHMS))} "
                 f"(or a variant label with `base = \"NAME\"` in its [algorithm.{label}] table)"
             )
-        raise ConfigError(f"algorithm.{label}.base: unknown algorithm {base!r}; available: {', '.join(sorted(ALGORITHMS))}")
+        raise ConfigError(f"algorithm.{label}.base: unknown algorithm {base!r}{did_you_mean(base, ALGORITHMS)}; available: {', '.join(sorted(ALGORITHMS))}")
     return base
 
 

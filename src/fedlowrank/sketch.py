@@ -24,8 +24,9 @@ sketch Y = E_rem Omega and a co-range sketch Z = Psi E_rem, Q = orth(Y), X = (Ps
 Measured (benchmarks/server_scaling.py): a random remainder sketch narrower than m r adds noise
 directions that compete with the true ones, so `width = 0` is the default.
 
-The result is W ~ L @ R with L = [B, dB_bar, E V, U, Q] and R = [A + dA_bar; A; V^T; U^T E -
-U^T E V V^T; X], whose rank-r SVD is taken in factor space. FedSRD-e's solves need only E V
+Since U lies in range(B) and V^T in A's row space, the result folds into 2 r columns (plus the
+remainder sketch's), W ~ [B, dB_bar + E V V^T pinv(A)] @ [A + dA_bar + pinv(B) U G; A] with
+G = U^T E - U^T E V V^T, whose rank-r SVD is taken in factor space. FedSRD-e's solves need only E V
 (odd rounds: T pinv(A), and pinv(A) has A^T's span) or U^T E (even rounds: pinv(B) T), so there
 the approximation is exact whenever B and A have full rank.
 
@@ -46,12 +47,14 @@ __all__ = ["ProductSketch", "range_basis"]
 
 
 def range_basis(M: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """An orthonormal basis (d x rank) of M's column space, dropping directions below rtol * s_max
-    (a zero or rank-deficient factor, LoRA's B = 0 at the start, gives fewer columns)."""
-    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    """An orthonormal basis (d x rank) of M's column space (M is d x q, q small), dropping
+    directions below rtol * s_max: a zero or rank-deficient factor (LoRA's B = 0 at the start)
+    gives fewer columns. QR, then the SVD of the q x q triangle: O(d q^2), rank-revealing."""
+    Q, R = torch.linalg.qr(M, mode="reduced")
+    U, S, _ = torch.linalg.svd(R)
     if S.numel() == 0 or float(S[0]) <= 0:
         return M.new_zeros(M.shape[0], 0)
-    return U[:, S > rtol * S[0]].contiguous()
+    return Q @ U[:, S > rtol * S[0]]
 
 
 class ProductSketch:
@@ -112,28 +115,45 @@ class ProductSketch:
         return EV, EO, EP, UtE, PsiE, PE
 
     def e_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F, G) with E ~ F @ G (the cross approximation plus the remainder sketch)."""
-        EV, EO, _, UtE, PsiE, _ = self._parts()
+        """(F, G) with E ~ F @ G: the cross approximation plus the remainder sketch."""
+        EV, _, _, UtE, _, _ = self._parts()
         U, V = self.U, self.V
-        F = [EV, U]
-        G = [V.mT, UtE - (U.mT @ EV) @ V.mT]
+        F, G = [EV, U], [V.mT, UtE - (U.mT @ EV) @ V.mT]
         if self.width:
-            # E_rem = (I - U U^T) E (I - V V^T): Omega is orthogonal to V and Psi to U, so
-            # E_rem Omega = (I - U U^T) E Omega and Psi E_rem = Psi E (I - V V^T)
-            Y = EO - U @ (U.mT @ EO)
-            Zr = PsiE - (PsiE @ V) @ V.mT
-            Q, _ = torch.linalg.qr(Y, mode="reduced")
-            X = torch.linalg.lstsq(self.psi @ Q, Zr).solution
+            Q, X = self._remainder()
             F.append(Q)
             G.append(X)
         return torch.cat(F, dim=1), torch.cat(G, dim=0)
 
     def factors(self, difference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, R) with L @ R ~ W, or ~ W - B A with `difference` (FedSRD-e's target, formed
-        without the cancellation of W - B A)."""
-        F, G = self.e_factors()
+        without the cancellation of W - B A). 2 r columns (plus the remainder sketch's): U lies
+        in range(B) and V^T in A's row space, so U = B pinv(B) U and V^T = V^T pinv(A) A fold
+        the cross terms into the two factors, W ~ B (A + dA_bar + pinv(B) U G) + (dB_bar +
+        E V V^T pinv(A)) A."""
+        EV, _, _, UtE, _, _ = self._parts()
+        U, V = self.U, self.V
+        G = UtE - (U.mT @ EV) @ V.mT
         first = self.dA if difference else self.A + self.dA
-        return torch.cat([self.B, self.dB, F], dim=1), torch.cat([first, self.A, G], dim=0)
+        right = first + (torch.linalg.pinv(self.B) @ U) @ G if U.shape[1] else first
+        left = self.dB + EV @ (V.mT @ torch.linalg.pinv(self.A)) if V.shape[1] else self.dB
+        L, R = [self.B, left], [right, self.A]
+        if self.width:
+            Q, X = self._remainder()
+            L.append(Q)
+            R.append(X)
+        return torch.cat(L, dim=1), torch.cat(R, dim=0)
+
+    def _remainder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E_rem = (I - U U^T) E (I - V V^T) ~ Q X from the range and co-range sketches: Omega is
+        orthogonal to V and Psi to U, so E_rem Omega = (I - U U^T) E Omega and Psi E_rem =
+        Psi E (I - V V^T)."""
+        _, EO, _, _, PsiE, _ = self._parts()
+        U, V = self.U, self.V
+        Y = EO - U @ (U.mT @ EO)
+        Zr = PsiE - (PsiE @ V) @ V.mT
+        Q, _ = torch.linalg.qr(Y, mode="reduced")
+        return Q, torch.linalg.lstsq(self.psi @ Q, Zr).solution
 
     def first_order_error(self, left: torch.Tensor, right: torch.Tensor) -> float:
         """Estimated first-order error of a rank-r result left @ right ~ SVD_r(W), relative to

@@ -17,7 +17,7 @@ from fedlowrank.algorithms.fedsa_lora import FedSALoRA
 from fedlowrank.algorithms.fedsrd import FedSRD, FedSRDe, FedSRDePlus, FedSRDPlus, decompose
 from fedlowrank.algorithms.ffa_lora import FFALoRA
 from fedlowrank.algorithms.flexlora import FlexLoRA
-from fedlowrank.config import ConfigError, from_mapping
+from fedlowrank.config import ConfigError, did_you_mean, from_mapping
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
@@ -29,6 +29,7 @@ __all__ = [
     "Algorithm",
     "ClientInfo",
     "RoundInfo",
+    "algorithm_description",
     "apply_broadcast",
     "decompose",
     "derive_seed",
@@ -36,10 +37,15 @@ __all__ = [
 ]
 
 
+def algorithm_description(cls: type[Algorithm]) -> str:
+    """The first paragraph of the algorithm class's docstring (what `fedlowrank list` shows)."""
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def make_algorithm(name: str, options: Mapping[str, Any] | None = None) -> Algorithm:
     """The algorithm registered as `name`, configured from `options` (validated by field)."""
     if name not in ALGORITHMS:
-        raise ConfigError(f"algorithm: unknown {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+        raise ConfigError(f"algorithm: unknown {name!r}{did_you_mean(name, ALGORITHMS)}; available: {', '.join(sorted(ALGORITHMS))}")
     cls = ALGORITHMS[name]
     base = cls(None).config  # the class's own defaults (e.g. FedSRD-e's efficient=True)
     merged = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}

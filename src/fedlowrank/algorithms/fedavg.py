@@ -36,6 +36,7 @@ __all__ = ["FedAvg", "FedAvgConfig", "FedProx", "FedDARE", "FedAvgMagnitude", "F
 
 @dataclass(frozen=True)
 class FedAvgConfig(UploadConfig):
+    # FedProx's proximal weight mu in [0, 1e6]: mu/2 ||theta - theta_global||^2 is added to the local loss; 0: none
     prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
@@ -89,20 +90,28 @@ class _MeanAggregator(Aggregator):
 
 
 class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg plus a proximal term mu/2 ||theta - theta_global||^2, mu = 0.01."""
+
     name = "fedprox"
     defaults = {"prox_mu": 0.01}
 
 
 class FedDARE(FedAvg):
+    """Fed-DARE: FedAvg with DARE on the LoRA uploads (drop 90%, survivors scaled 10x; seeded mask)."""
+
     name = "fed-dare"
     defaults = {"upload_mask": "random", "upload_sparsity": 0.9}
 
 
 class FedAvgMagnitude(FedAvg):
+    """FedAvg with magnitude top-k uploads (FedSRD Table 7's plug-in, Eq. 7's ratio)."""
+
     name = "fedavg-magnitude"
     defaults = {"upload_mask": "magnitude"}
 
 
 class FedAvgImportance(FedAvg):
+    """FedAvg with FedSRD's importance top-k uploads (Eq. 6-8) and a dense mean on the server."""
+
     name = "fedavg-importance"
     defaults = {"upload_mask": "importance"}

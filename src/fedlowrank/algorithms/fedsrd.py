@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -230,15 +231,18 @@ def _norm2(L: torch.Tensor, R: torch.Tensor | None) -> float:
 class FedSRDConfig(UploadConfig):
     """FedSRD's knobs; defaults are the paper's (and the published code's) values."""
 
-    upload_mask: str = "importance"
+    upload_mask: Literal["none", "importance", "magnitude", "random", "importance-sampled"] = "importance"
+    # FedSRD-e: target T = W - B A instead of SVD_r(W) - B A (no SVD)
     efficient: bool = False
+    # DARE drop probability on the broadcast factor, in [0, 0.999]; 0 sends the dense solved factor
     download_drop: float = 0.8
     # The server step. "factored": exact, through the clients' factors (O((d_out + d_in) (m r)^2));
     # "dense": the paper's reference (build W, full SVD); "sketch": streaming, each upload folded
     # into per-module sums and let go (fedlowrank.sketch: exact on everything the clients' deltas do
     # inside the spans of the global factors, within 1e-3 of the exact target in the measured regime);
     # "auto": "factored" while clients x rank <= sketch_above, "sketch" beyond.
-    method: str = "auto"
+    method: Literal["auto", "factored", "dense", "sketch"] = "auto"
+    # where method = "auto" switches from "factored" to "sketch": clients x LoRA rank above this
     sketch_above: int = 512
     # Columns of a random sketch of what the cross approximation leaves out (0: none; m r or more:
     # the sketch step equals the exact one). docs/algorithms.md measures it.
@@ -251,11 +255,12 @@ class FedSRDConfig(UploadConfig):
     # Extension: the least precision of the server step. "float32" is the published code's; "float64"
     # avoids the cancellation in SVD_r(W) - B A when clients' factors nearly agree (the solved
     # delta is cast back to the parameters' dtype, so the wire format does not change).
-    server_dtype: str = "float32"
+    server_dtype: Literal["float32", "float64"] = "float32"
     # Extension: the pseudo-inverse of Eq. 12-13. "pinv" is the paper's; "truncated" drops
     # singular values below solve_tol * s_max, "tikhonov" damps them (solve_inverse), so a nearly
     # singular factor cannot turn a small target into a huge delta.
-    solve: str = "pinv"
+    solve: Literal["pinv", "truncated", "tikhonov"] = "pinv"
+    # the damped solves' cut-off relative to the factor's largest singular value, in [1e-12, 1]
     solve_tol: float = 0.05
     # Extension: server-side error feedback on the download. What the broadcast does not realise of
     # the target (the entries the download mask dropped, and what one factor cannot express) is
@@ -287,7 +292,10 @@ def _feedback_keys(module: str) -> tuple[str, str]:
 
 
 class FedSRD(SparseUploadClient, Algorithm):
-    """FedSRD (and, with `efficient=True`, FedSRD-e). Non-LoRA trained keys are averaged (FedAvg).
+    """FedSRD (Yan et al., WWW '26): importance-sparse LoRA uploads, aggregation in full-rank
+    space, a sparse one-factor download (with `efficient=True`, FedSRD-e).
+
+    Non-LoRA trained keys are averaged (FedAvg).
 
     The options beyond the paper (rebalance, server_dtype, solve, download_feedback,
     download_rescale, upload_feedback, upload_mask "importance-sampled") are off by default;
@@ -507,9 +515,11 @@ PLUS_DEFAULTS: dict = {
 
 
 class FedSRDPlus(FedSRD):
-    """fedsrd-plus: FedSRD's sparsify / reconstruct / decompose and byte budget, with a damped
-    (Tikhonov) solve, factor rebalancing and unbiased importance-sampled uploads (PLUS_DEFAULTS). Not the paper's
-    method: `fedsrd` is. docs/algorithms.md says what differs and what it measured."""
+    """fedsrd-plus: FedSRD's byte budget with a damped (Tikhonov) solve, factor rebalancing and
+    unbiased importance-sampled uploads (ours, not the paper's method).
+
+    PLUS_DEFAULTS holds the options; `fedsrd` is the paper's method. docs/algorithms.md says
+    what differs and what it measured."""
 
     name = "fedsrd-plus"
     defaults = dict(PLUS_DEFAULTS)

@@ -9,6 +9,8 @@ __all__ = ["FFALoRA"]
 
 
 class FFALoRA(FedAvg):
+    """FFA-LoRA (Sun et al. 2024): A frozen at its shared random init; only B is trained, sent and averaged."""
+
     name = "ffa-lora"
 
     def trainable_keys(self, state):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -29,8 +30,10 @@ __all__ = ["FlexLoRA", "FlexLoRAConfig"]
 class FlexLoRAConfig(FedAvgConfig):
     # "factored": exact; "sketch": streaming (fedlowrank.sketch); "auto": exact while
     # clients x rank <= sketch_above. sketch_width as in FedSRD.
-    method: str = "auto"
+    method: Literal["auto", "factored", "sketch"] = "auto"
+    # where method = "auto" switches to "sketch": clients x LoRA rank above this
     sketch_above: int = 512
+    # columns of a random sketch of what the cross approximation leaves out (0: none; >= clients x rank: exact)
     sketch_width: int = 0
 
     def __post_init__(self) -> None:
@@ -40,6 +43,8 @@ class FlexLoRAConfig(FedAvgConfig):
 
 
 class FlexLoRA(FedAvg):
+    """FlexLoRA (Bai et al. 2024): average the products B_i A_i, truncate to rank r by SVD, broadcast dense."""
+
     name = "flexlora"
     Config = FlexLoRAConfig
 

@@ -57,13 +57,21 @@ UPLOAD_MASKS = ("none", "importance", "magnitude", "random", "importance-sampled
 
 @dataclass(frozen=True)
 class UploadConfig:
+    # which entries a client uploads: "none" (dense), "importance" (FedSRD Eq. 6, top-k), "magnitude" (top-k of |delta|), "random" (DARE, seeded) or "importance-sampled" (unbiased, ours)
     upload_mask: Literal["none", "importance", "magnitude", "random", "importance-sampled"] = "none"
+    # fraction of entries dropped, in [0, 1): Eq. 7's base ratio alpha for top-k and sampled masks, the drop probability for "random"
     upload_sparsity: float = 0.85
+    # Eq. 7's kurtosis offset: rho = alpha + min(cap, coeff ln(max(kurtosis, 1))); false: rho = alpha
     adaptive: bool = True
+    # Eq. 7's coefficient of ln(kurtosis), in [0, 10]
     coeff: float = 0.1
+    # Eq. 7's cap on the kurtosis offset, in [0, 1]
     cap: float = 0.11
+    # "l1" rescales kept entries to the dense delta's L1 mass (the published FedSRD code; not the paper); "none"
     upload_rescale: Literal["none", "l1"] = "none"
+    # "uniform": p_i = 1/m (FedSRD Eq. 9); "samples": by each client's training-sample count (the server's own count)
     weighting: Literal["uniform", "samples"] = "uniform"
+    # client error feedback (ours): each client adds what its mask did not send last time to its next delta; no bytes, one adapter-sized memory per client
     upload_feedback: bool = False
 
     def __post_init__(self) -> None:

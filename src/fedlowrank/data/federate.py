@@ -45,14 +45,21 @@ Columns = Mapping[str, str] | Callable[[Sequence[str]], Mapping[str, str]]
 class ClientDataConfig:
     """Where the rows are and how they are dealt to clients (module docstring)."""
 
+    # your training data: a JSONL / CSV / parquet file, a folder of them, or a list of files (docs/byo.md)
     data: str | tuple[str, ...] = ""
+    # held-out data (same forms); empty: eval_fraction of each client's rows
     eval_data: str | tuple[str, ...] = ""
+    # with no eval_data, the share of each client's rows held out for evaluation
     eval_fraction: float = 0.1
+    # the column naming each row's client (partition = "column")
     client_column: str = ""
+    # how rows become clients: "auto", "column", "files", "iid", "dirichlet", "shards" or "size-skewed" (docs/byo.md)
     partition: Literal["auto", "column", "files", "iid", "dirichlet", "shards", "size-skewed"] = "auto"
     num_clients: int = 0  # for the partitioners
     partition_column: str = ""  # dirichlet / shards: the column to skew (default: the task's label)
+    # Dirichlet concentration for partition = "dirichlet" / "size-skewed"
     alpha: float = 0.5
+    # partition = "shards": label-sorted shards per client (McMahan et al. 2017)
     shards_per_client: int = 2
     min_rows: int = 2  # dirichlet: every client gets at least this many rows
 

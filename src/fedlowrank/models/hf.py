@@ -36,9 +36,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 @dataclass(frozen=True)
 class LoRAConfig:
+    # LoRA rank r, in [1, 512]
     lora_rank: int = 16
     lora_alpha: float = 0.0  # 0: 2 * lora_rank
+    # dropout on the LoRA branch's input during training
     lora_dropout: float = 0.05
+    # the layers that get LoRA: module-name suffixes, or "all-linear"
     target_modules: str | tuple[str, ...] = "all-linear"
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fedlowrank.config import did_you_mean
 from fedlowrank.runs.rundir import RunDir, atomic_write, find_runs
 
 __all__ = ["has_adapter", "save_snapshot", "snapshot_rounds", "write_adapters", "RunState", "load_run_state",
@@ -111,7 +112,8 @@ def _pick_run(run: Path, algorithm: str | None) -> RunDir:
     if algorithm:
         chosen = [r for r in runs if r.path.name == algorithm]
         if not chosen:
-            raise FileNotFoundError(f"{run}: no run of algorithm {algorithm!r}; it holds {[r.path.name for r in runs]}")
+            names = [r.path.name for r in runs]
+            raise FileNotFoundError(f"{run}: no run of algorithm {algorithm!r}{did_you_mean(algorithm, names)}; it holds {[r.path.name for r in runs]}")
         return chosen[0]
     if len(runs) > 1:
         raise FileNotFoundError(f"{run} holds runs of {[r.path.name for r in runs]}; pick one with --algorithm")

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from fedlowrank.config import ConfigError, from_mapping
+from fedlowrank.config import ConfigError, did_you_mean, from_mapping
 from fedlowrank.tasks.base import PartitionConfig, Task, TrainConfig
 
 __all__ = ["TASKS", "Task", "TrainConfig", "PartitionConfig", "task_class", "task_config", "make_task"]
@@ -47,7 +47,7 @@ TASKS: dict[str, tuple[str, str]] = {
 
 def task_class(name: str) -> type[Task]:
     if name not in TASKS:
-        raise ConfigError(f"task.name: unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"task.name: unknown task {name!r}{did_you_mean(name, TASKS)}; available: {', '.join(sorted(TASKS))}")
     module, _, cls = TASKS[name][0].partition(":")
     return getattr(importlib.import_module(module), cls)
 

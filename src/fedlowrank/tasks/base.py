@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fedlowrank.seeds import derive_seed
-from fedlowrank.config import choice, require
+from fedlowrank.config import ConfigError, choice, require
 
 __all__ = [
     "Task",
@@ -47,12 +47,17 @@ class TrainConfig:
     """Local training of one client in one round."""
 
     local_steps: int = 10  # optimizer steps per client per round
+    # training examples per optimizer step
     batch_size: int = 16
+    # the local optimizer's learning rate
     lr: float = 1e-3
+    # "adamw" (state reset every round) or "sgd" (with `momentum`)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     momentum: float = 0.0  # sgd only
+    # the local optimizer's weight decay
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # 0 = no clipping
+    # examples per evaluation batch (memory only; results do not depend on it)
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -78,9 +83,13 @@ class PartitionConfig:
       many samples).
     """
 
+    # clients the data is dealt to, in [1, 100000]
     num_clients: int = 10
+    # "dirichlet": label skew Dir(alpha) (Hsu et al. 2019); "labels": labels_per_client classes each; "iid": an even random deal
     partition: Literal["dirichlet", "labels", "iid"] = "dirichlet"
+    # Dirichlet concentration in (0, 1e6]: small = skewed labels, large = nearly IID
     alpha: float = 0.5
+    # "labels" partition: classes per client (client i holds i, i+1, ... modulo the classes)
     labels_per_client: int = 2
     min_samples: int = 8  # dirichlet: redraw until every client has at least this many
 
@@ -97,8 +106,8 @@ def _label_shares(labels: np.ndarray, num_classes: int, cfg: PartitionConfig, rn
     m = cfg.num_clients
     if cfg.partition == "labels":
         if cfg.labels_per_client > num_classes:
-            raise ValueError(
-                f"labels_per_client = {cfg.labels_per_client} exceeds the {num_classes} classes of the task"
+            raise ConfigError(
+                f"task.labels_per_client: {cfg.labels_per_client} exceeds the {num_classes} classes of the task"
             )
         held = np.zeros((num_classes, m))
         for i in range(m):
@@ -106,8 +115,8 @@ def _label_shares(labels: np.ndarray, num_classes: int, cfg: PartitionConfig, rn
                 held[(i + j) % num_classes, i] = 1.0
         empty = np.flatnonzero(held.sum(axis=1) == 0)
         if empty.size:
-            raise ValueError(
-                f"with {m} clients and labels_per_client = {cfg.labels_per_client}, classes {empty.tolist()} "
+            raise ConfigError(
+                f"task.labels_per_client: with {m} clients and labels_per_client = {cfg.labels_per_client}, classes {empty.tolist()} "
                 "have no client; use more clients or more labels per client"
             )
         return held / held.sum(axis=1, keepdims=True)
@@ -117,9 +126,9 @@ def _label_shares(labels: np.ndarray, num_classes: int, cfg: PartitionConfig, rn
         sizes = sum(np.diff(_cuts(shares[c], counts[c]), prepend=0, append=counts[c]) for c in range(num_classes))
         if sizes.min() >= cfg.min_samples:
             return shares
-    raise ValueError(
-        f"dirichlet(alpha = {cfg.alpha}) gave some client fewer than min_samples = {cfg.min_samples} "
-        f"samples in 1000 draws; raise alpha, lower min_samples or use fewer clients"
+    raise ConfigError(
+        f"task.min_samples: dirichlet(alpha = {cfg.alpha}) gave some client fewer than min_samples = {cfg.min_samples} "
+        f"samples in 1000 draws; raise alpha, lower min_samples, use fewer clients or partition = \"iid\""
     )
 
 

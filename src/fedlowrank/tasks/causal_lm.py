@@ -102,11 +102,17 @@ class LMTrainConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class CausalLMConfig(ClientDataConfig, LoRAConfig, LMTrainConfig):
+    # a Hugging Face model folder, or "tiny" (a random 2-layer Llama for tests)
     model: str = "tiny"
+    # how rows become text: "prompt-completion", "messages" (chat template), "text", or "auto" from the columns
     format: Literal["auto", "prompt-completion", "messages", "text"] = "auto"
+    # format "prompt-completion": the prompt (loss on the completion only)
     prompt_column: str = "prompt"
+    # format "prompt-completion": the completion
     completion_column: str = "completion"
+    # format "messages": a list of {role, content}
     messages_column: str = "messages"
+    # format "text": plain text (loss on every token)
     text_column: str = "text"
     seq_len: int = 0  # tokens per sequence; 0: min(256, the model's maximum)
 

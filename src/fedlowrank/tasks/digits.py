@@ -59,10 +59,15 @@ class LoRALinear(nn.Module):
 
 @dataclass(frozen=True)
 class DigitsConfig(PartitionConfig, TrainConfig):
+    # "lora": frozen MLP + LoRA; "full": every weight trained; "pfedpara": FedPara layers with W2 kept local
     mode: Literal["lora", "full", "pfedpara"] = "lora"
+    # the MLP's hidden width, in [1, 4096]
     hidden: int = 32
+    # LoRA rank r of the MLP's layers
     lora_rank: int = 4
+    # LoRA scaling alpha (the update is scaled by alpha / r)
     lora_alpha: float = 8.0
+    # share of the 1797 images held out as the global test set
     test_fraction: float = 0.25
     local_steps: int = 5
     batch_size: int = 32

@@ -58,11 +58,14 @@ MEAN, STD = 0.2860, 0.3530  # of the training images
 
 @dataclass(frozen=True)
 class FashionConfig(PartitionConfig, TrainConfig):
+    # "plain" VGG-GN, "fedpara" (Hadamard low-rank convs), "lowrank" (same budget, plain low-rank) or "pfedpara" (W2 local)
     model: Literal["plain", "fedpara", "lowrank", "pfedpara"] = "plain"
     gamma: float = 0.1  # FedPara rank rule: 0 = R_min, 1 = R_max (the original layer's budget)
+    # channels of the three conv stages
     widths: tuple[int, ...] = (16, 32, 64)
     fedpara_head: bool = False  # also factorise the linear head (pfedpara: its W2 stays local too)
     train_samples: int = 0  # 0 = all 60000; else a stratified subsample
+    # test images (a stratified subsample of the 10000)
     test_samples: int = 2000
     local_steps: int = 10
     batch_size: int = 32

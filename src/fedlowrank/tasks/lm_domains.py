@@ -57,6 +57,7 @@ class LMDomainsConfig(LoRAConfig, LMTrainConfig):
     model: str = "smollm2"  # "smollm2", "tiny" or a Hugging Face model folder
     domains: tuple[str, ...] = IN_DOMAIN  # one client (or clients_per_domain) per domain
     ood_domains: tuple[str, ...] = ("politics", "tech")  # evaluated, never trained on
+    # clients each domain's examples are split between
     clients_per_domain: int = 1
     train_examples: int = 64  # per domain, shared by its clients (capped by what it holds)
     eval_examples: int = 16  # held out, per domain (in-domain and out-of-domain)

@@ -52,6 +52,7 @@ class NewsTopicsConfig(PartitionConfig, EncoderConfig, EncoderTrainConfig):
     lora_alpha: float = 16.0
     lora_layers: int = 2  # LoRA in the top N of the 6 layers (6 = all)
     target_modules: tuple[str, ...] = ("query", "value")
+    # share of the articles held out as the test set (stratified)
     test_fraction: float = 0.2
     max_articles: int = 0  # 0 = all (2127 unique articles); else a stratified subsample (fast tests)
     dedup: bool = True  # drop verbatim repeats before splitting; false: the 2225 files as measured before

@@ -45,12 +45,18 @@ __all__ = ["ShakespeareTask", "ShakespeareConfig", "CharLSTM"]
 
 @dataclass(frozen=True)
 class ShakespeareConfig(TrainConfig):
+    # "plain" LSTM, "fedpara" (Hadamard low-rank LSTM matrices) or "lowrank"
     model: Literal["plain", "fedpara", "lowrank"] = "plain"
     gamma: float = 0.1  # FedPara rank rule, per matrix (fedpara and lowrank)
+    # character embedding width
     embed_dim: int = 8
+    # LSTM hidden width
     hidden: int = 256
+    # stacked LSTM layers
     num_layers: int = 2
+    # characters per training window
     seq_len: int = 80
+    # "next": predict the character after each window; "all": every position
     target: Literal["next", "all"] = "next"
     min_speeches: int = 64  # a role needs this many speeches to be a client
     max_clients: int = 0  # 0: every such role; else a seeded sample of this many

@@ -63,6 +63,7 @@ class EncoderConfig(LoRAConfig):
     """An encoder with LoRA and a classification head (text-classification, news-topics)."""
 
     max_length: int = 128  # tokens per text
+    # "head": the encoder's own classifier input (CLS); "mean": mean of the last layer
     pooling: Literal["head", "mean"] = "head"
     lora_layers: int = 0  # LoRA in the top N layers; 0 = all
     cache: bool = True  # pooling = "mean": keep the frozen layers' output on disk
@@ -277,8 +278,11 @@ class EncoderTrainConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class TextClassificationConfig(ClientDataConfig, EncoderConfig, EncoderTrainConfig):
+    # a Hugging Face encoder folder, or "minilm" (all-MiniLM-L6-v2, packaged)
     model: str = "minilm"
+    # the column with each row's text
     text_column: str = "text"
+    # the column with each row's label (two or more classes)
     label_column: str = "label"
 
     def __post_init__(self) -> None:
