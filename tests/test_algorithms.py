@@ -1,4 +1,4 @@
-"""Every algorithm's rules (DESIGN.md sections 2 and 3) on random LoRA states, no I/O."""
+"""Every algorithm's rules (docs/algorithms.md) on random LoRA states, no I/O."""
 
 import pytest
 import torch

@@ -86,3 +86,18 @@ def test_report_fits_the_terminal_without_cutting_numbers(tmp_path, capsys, monk
 
     runs = json.loads(capsys.readouterr().out)["runs"]
     assert {r["algorithm"] for r in runs} == {"fedsrd", "fedavg", "fedsrd-plus"}
+
+
+def test_plots_have_a_title_and_one_style_per_algorithm(tmp_path):
+    from fedlowrank.runs.report import algorithm_style, curves_title, plot_curves
+
+    assert algorithm_style("fedsrd") == algorithm_style("fedsrd")
+    styles = {name: tuple(sorted(algorithm_style(name).items())) for name in ALGORITHMS}
+    assert len(set(styles.values())) == len(styles)  # every registered algorithm looks different
+    assert algorithm_style("my-variant") == algorithm_style("my-variant")
+    recs = [{"round": t, "upload_bytes": 1000, "download_bytes": 3000, "eval": {"accuracy": 0.1 * t}}
+            for t in range(1, 6)]  # fmt: skip
+    out = tmp_path / "c.png"
+    plot_curves([("fedsrd", recs), ("fedavg", recs)], out, title=curves_title("digits", [0], 5, "tiny"))
+    assert out.stat().st_size > 10_000
+    assert curves_title("digits", [2, 0, 1], 20) == "digits, seeds 0, 1, 2, 20 rounds"

@@ -41,7 +41,7 @@ def strip_times(x):
 
 
 def check_ledger(records, num_clients):
-    """Round totals are the sums of the clients' entries; catch-ups follow DESIGN.md rule 8."""
+    """Round totals are the sums of the clients' entries; catch-ups follow docs/runtime.md ("Catch up")."""
     version = [0] * num_clients
     broadcasts = {}  # round -> broadcast bytes
     for rec in records:

@@ -294,7 +294,7 @@ def _cmd_show(args, console) -> int:
 
 
 def _cmd_report(args, console) -> int:
-    from fedlowrank.runs.report import label_runs, markdown_table, plot_curves, summarize
+    from fedlowrank.runs.report import curves_title, label_runs, markdown_table, plot_curves, summarize
     from fedlowrank.runs.rundir import RunDir, atomic_write, find_runs
 
     runs = find_runs(args.dirs)
@@ -319,7 +319,11 @@ def _cmd_report(args, console) -> int:
         top = RunDir(args.out)
         top.write_json(top.summary_json, {"runs": summaries, "dirs": [str(r.path) for r in runs]})
         atomic_write(top.summary_md, markdown_table(summaries))
-        plot_curves(list(zip(labels, records, strict=True)), top.curves)
+        tasks = sorted({str(s.get("task", "?")) for s in summaries})
+        rounds = max((int(s.get("rounds", 0) or 0) for s in summaries), default=0)
+        seeds = [int(s["seed"]) for s in summaries if isinstance(s.get("seed"), int) and s["seed"] >= 0]
+        plot_curves(list(zip(labels, records, strict=True)), top.curves,
+                    title=curves_title(" / ".join(tasks), seeds or [0], rounds, f"{len(runs)} run(s)"))  # fmt: skip
         console.print(f"wrote {top.summary_md}, {top.summary_json}, {top.curves}")
     return 0
 

@@ -108,6 +108,9 @@ def main() -> int:
     by = {r["algorithm"]: r for r in rows}
     total = lambda r: r["upload_kb"] + r["download_kb"]  # noqa: E731
     print(f"FedSRD moved {total(by['fedsrd']) / total(by['fedavg']):.1%} of FedAvg's bytes per client and round.")
+    print("update error: how far the change the broadcast makes to B A lies from the exact mean of the clients'\n"
+          "updates in full-rank space, ||dW_applied - dW_mean|| / ||dW_mean||. FedAvg errs because the mean of\n"
+          "products is not the product of means, FlexLoRA by its rank-r truncation, the sparse methods by what they drop.")
     print("Real tasks: `fedlowrank run` (see README).")
     return 0
 

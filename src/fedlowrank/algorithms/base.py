@@ -1,4 +1,4 @@
-"""The algorithm interface shared by every runtime (DESIGN.md section 1).
+"""The algorithm interface shared by every runtime (docs/runtime.md).
 
 An algorithm is pure tensor code, no I/O:
 
@@ -140,7 +140,7 @@ def apply_broadcast(state: Mapping[str, torch.Tensor], broadcast: Payload) -> St
 
 
 def state_payload(state: Mapping[str, torch.Tensor], keys: Sequence[str], round: int) -> Payload:
-    """The full values of `keys`, for a client that missed rounds (DESIGN.md section 2, rule 8)."""
+    """The full values of `keys`, for a client that missed rounds (docs/runtime.md, "Catch up")."""
     return Payload({k: state[k].detach().clone() for k in keys}, meta={"kind": KIND_STATE, "round": round})
 
 

@@ -1,7 +1,7 @@
 """Prompt / completion corpora for the `lm-domains` task, one per domain, from installed packages.
 
 The FedSRD paper gives each of four clients one specialist domain (code, medical, finance, math;
-reference/fedsrd.md section 4.1). Nothing may be downloaded here, so the domains come from
+Sec. 5.1, Table 1). Nothing may be downloaded here, so the domains come from
 packages that ship their data:
 
 | domain | source (package) | prompt -> completion | train / held-out split |

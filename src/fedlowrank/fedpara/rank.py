@@ -9,8 +9,8 @@ that is not more expensive than the original layer,
     R_min = min(ceil(sqrt(O)), ceil(sqrt(I))),
     R_max = the largest R whose FedPara parameter count <= the original layer's (O * I * k_h * k_w).
 
-This is the reading that reproduces the paper's VGG16 sizes (DESIGN.md section 4,
-reference/fedpara.md section 1); the official notebook's "ratio" knob is a different rule.
+This is the reading that reproduces the paper's VGG16 sizes (docs/fedpara.md); the official
+notebook's "ratio" knob is a different rule.
 
 Parameter counts (O = out, I = in, k^2 = k_h * k_w):
 

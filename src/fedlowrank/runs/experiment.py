@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from fedlowrank.errors import TrainingFailed
 from fedlowrank.runconfig import RunConfig, dump_toml, parse_run_config
 from fedlowrank.runs.export import ADAPTER_DIR, has_adapter, save_snapshot, write_adapters
-from fedlowrank.runs.report import markdown_table, plot_curves, summarize
+from fedlowrank.runs.report import curves_title, markdown_table, plot_curves, summarize
 from fedlowrank.protocol.setup import RunSetup
 from fedlowrank.runs.rundir import RunDir, RunLock, atomic_write
 from fedlowrank.protocol.server import RoundServer
@@ -70,7 +70,7 @@ def write_run_summary(rd: RunDir, cfg: RunConfig, algorithm: str, runtime_note: 
     rd.write_json(rd.summary_json, summary)
     title = f"# {cfg.name}: {algorithm} on {cfg.task_name}{runtime_note}\n\n"
     atomic_write(rd.summary_md, title + markdown_table([summary]))
-    plot_curves([(algorithm, records)], rd.curves)
+    plot_curves([(algorithm, records)], rd.curves, title=curves_title(cfg.task_name, [cfg.seed], cfg.sim.rounds, cfg.name))
     return summary
 
 
@@ -205,4 +205,4 @@ def write_comparison(out: Path, cfg: RunConfig, summaries: list[dict[str, Any]],
     top = RunDir(out)
     top.write_json(top.summary_json, {"name": cfg.name, "task": cfg.task_name, "runs": summaries})
     atomic_write(top.summary_md, f"# {cfg.name} on {cfg.task_name}\n\n" + markdown_table(summaries))
-    plot_curves(series, top.curves)
+    plot_curves(series, top.curves, title=curves_title(cfg.task_name, [cfg.seed], cfg.sim.rounds, cfg.name))

@@ -122,45 +122,91 @@ def _curve(records: Sequence[dict[str, Any]], metric: str) -> tuple[list[int], l
     return rounds, mbs, ys
 
 
-def plot_curves(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: Path, metric: str = "accuracy") -> None:
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def algorithm_style(label: str) -> dict[str, Any]:
+    """One colour, line style and marker per algorithm, the same in every plot: registered
+    algorithms by their place in the registry, other labels (variants) by a hash of the name."""
+    import zlib
+
+    import matplotlib
+
+    from fedlowrank.algorithms import ALGORITHMS
+
+    names = list(ALGORITHMS)
+    i = names.index(label) if label in names else len(names) + zlib.crc32(label.encode()) % 97
+    colors = matplotlib.colormaps["tab20"].colors
+    return {"color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "linestyle": _LINESTYLES[(i // 10) % 4],
+            "marker": _MARKERS[i % len(_MARKERS)]}  # fmt: skip
+
+
+def plot_curves(
+    series: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: Path, metric: str = "accuracy", title: str | None = None
+) -> None:
     """`metric` against cumulative megabytes sent (up + down, log scale) and against rounds.
 
-    One colour per label; runs sharing a label (seeds) are drawn thin, their mean bold.
+    One style per algorithm (`algorithm_style`, the same in every plot); runs sharing a label
+    (seeds) are drawn thin, their mean bold. The legend sits below the axes, so it never covers
+    a curve; `title` (task, seed, rounds) heads the figure.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     groups: dict[str, list[tuple[list[int], list[float], list[float]]]] = {}
     for label, records in series:
         groups.setdefault(label, []).append(_curve(records, metric))
-    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
-    fig, (ax_mb, ax_round) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, (label, runs) in enumerate(groups.items()):
-        color = colors[i % len(colors)]
+    fig, (ax_mb, ax_round) = plt.subplots(1, 2, figsize=(11, 4.6))
+    handles = []
+    for label, runs in groups.items():
+        style = algorithm_style(label.split(" (")[0])
         many = len(runs) > 1
         for rounds, mbs, ys in runs:
-            kw = {"color": color, "alpha": 0.3, "linewidth": 0.8} if many else {"color": color, "marker": "o", "markersize": 3}
-            ax_mb.plot(mbs, ys, label=None if many else label, **kw)
+            kw = dict(style, alpha=0.3, linewidth=0.8, marker=None) if many else dict(style, markersize=3.5, linewidth=1.4)
+            line, = ax_mb.plot(mbs, ys, **kw)
             ax_round.plot(rounds, ys, **kw)
+            if not many:
+                line.set_label(label)
+                handles.append(line)
         if many:  # the mean over runs at the eval rounds they share
             common = sorted(set.intersection(*(set(r) for r, _, _ in runs)))
             mean = [
                 [statistics.mean(run[k][run[0].index(t)] for run in runs) for t in common] for k in (1, 2)
             ]  # fmt: skip
-            ax_mb.plot(mean[0], mean[1], color=color, marker="o", markersize=3, linewidth=2, label=f"{label} (mean of {len(runs)})")
-            ax_round.plot(common, mean[1], color=color, marker="o", markersize=3, linewidth=2)
+            line, = ax_mb.plot(mean[0], mean[1], **dict(style, markersize=3.5, linewidth=2.2), label=f"{label} (mean of {len(runs)})")
+            ax_round.plot(common, mean[1], **dict(style, markersize=3.5, linewidth=2.2))
+            handles.append(line)
     ax_mb.set_xscale("log")
+    ax_mb.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    ax_mb.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax_mb.xaxis.set_minor_formatter(NullFormatter())  # minor ticks unlabelled: no overlapping labels
     ax_mb.set_xlabel("cumulative MB sent (upload + download), log scale")
     ax_round.set_xlabel("round")
+    ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_mb.set_title(f"{metric} against bytes", fontsize=10)
+    ax_round.set_title(f"{metric} against rounds", fontsize=10)
     for ax in (ax_mb, ax_round):
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3, which="both")
-    ax_mb.legend(fontsize=8)
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    ncol = min(len(handles), 4) or 1
+    rows = (len(handles) + ncol - 1) // ncol
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * rows, 1, 0.95 if title else 1))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def curves_title(task: str, seeds: Sequence[int], rounds: int, name: str = "") -> str:
+    """"NAME: TASK, seed S, N rounds" (seeds listed when several)."""
+    s = sorted(set(seeds))
+    seed = f"seed {s[0]}" if len(s) == 1 else f"seeds {', '.join(map(str, s))}"
+    return f"{name + ': ' if name else ''}{task}, {seed}, {rounds} rounds"

@@ -1,6 +1,6 @@
 """`lm-domains`: federated LoRA fine-tuning of a causal LM, one client per text domain.
 
-The FedSRD paper's setting (reference/fedsrd.md sections 3-4) at CPU scale: each client holds
+The FedSRD paper's setting (Sec. 5.1: one specialist domain per client, no label partition) at CPU scale: each client holds
 one specialist domain, trains a LoRA adapter on completions only, and the federation is judged
 on held-out text of every client's domain (in-domain) and on text no client trains on
 (out-of-domain, a measure of forgetting).
