@@ -232,6 +232,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,options", [("fedavg", {}), ("fedsrd", {"method": "sketch"}), ("fedsrd", {})])
 def test_aggregating_200_uploads_stays_under_a_fixed_memory_bound(name, options):
     """200 decoded uploads would be 1.26 GB; streaming holds the accumulators and one upload.
@@ -244,6 +245,7 @@ def test_aggregating_200_uploads_stays_under_a_fixed_memory_bound(name, options)
         assert got["stats"]["sketched"] == 1.0
 
 
+@pytest.mark.slow
 def test_a_thousand_clients_with_a_hundred_per_round(tmp_path):
     cfg = tmp_path / "big.toml"
     cfg.write_text(textwrap.dedent(

@@ -50,11 +50,18 @@ def range_basis(M: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     """An orthonormal basis (d x rank) of M's column space (M is d x q, q small), dropping
     directions below rtol * s_max: a zero or rank-deficient factor (LoRA's B = 0 at the start)
     gives fewer columns. QR, then the SVD of the q x q triangle: O(d q^2), rank-revealing."""
+    return _thin_svd(M, rtol)[0]
+
+
+def _thin_svd(M: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, V) with M ~ U diag(S) V^T over the directions above rtol * s_max (U orthonormal,
+    d x k); by QR and the SVD of the q x q triangle."""
     Q, R = torch.linalg.qr(M, mode="reduced")
-    U, S, _ = torch.linalg.svd(R)
+    U, S, Vh = torch.linalg.svd(R)
     if S.numel() == 0 or float(S[0]) <= 0:
-        return M.new_zeros(M.shape[0], 0)
-    return Q @ U[:, S > rtol * S[0]]
+        return M.new_zeros(M.shape[0], 0), S[:0], M.new_zeros(M.shape[1], 0)
+    keep = S > rtol * S[0]
+    return Q @ U[:, keep], S[keep], Vh[keep].mT
 
 
 class ProductSketch:
@@ -72,7 +79,12 @@ class ProductSketch:
             raise ValueError(f"ProductSketch: width and probes must be >= 0, got {width}, {probes}")
         d_out, d_in = B.shape[0], A.shape[1]
         self.B, self.A = B, A
-        self.U, self.V = range_basis(B), range_basis(A.mT)  # (d_out, u), (d_in, v)
+        # B ~ U diag(sB) WB^T and A^T ~ V diag(sA) WA^T: bases and, for free, pinv(B) U = WB / sB
+        # and V^T pinv(A) = (WA / sA)^T
+        self.U, sB, WB = _thin_svd(B)
+        self.V, sA, WA = _thin_svd(A.mT)
+        self._pinvB_U = WB / sB[None, :]  # (r, u)
+        self._Vt_pinvA = (WA / sA[None, :]).mT  # (v, r)
         g = torch.Generator(device="cpu").manual_seed(int(seed) & (2**63 - 1))
 
         def gauss(*shape):
@@ -135,8 +147,8 @@ class ProductSketch:
         U, V = self.U, self.V
         G = UtE - (U.mT @ EV) @ V.mT
         first = self.dA if difference else self.A + self.dA
-        right = first + (torch.linalg.pinv(self.B) @ U) @ G if U.shape[1] else first
-        left = self.dB + EV @ (V.mT @ torch.linalg.pinv(self.A)) if V.shape[1] else self.dB
+        right = first + self._pinvB_U @ G if U.shape[1] else first
+        left = self.dB + EV @ self._Vt_pinvA if V.shape[1] else self.dB
         L, R = [self.B, left], [right, self.A]
         if self.width:
             Q, X = self._remainder()
@@ -159,7 +171,8 @@ class ProductSketch:
         """Estimated first-order error of a rank-r result left @ right ~ SVD_r(W), relative to
         ||left @ right - B A||: with D = E - F G (what the approximation missed) and P, S the
         result's column and row spaces, sqrt(||P^T D||^2 + ||D S||^2), from the probes. 0.0
-        without probes."""
+        without probes. `left`'s columns and `right`'s rows must be orthogonal (an SVD's split,
+        as `truncated_svd_of_sum` returns), so their bases are those vectors normalised."""
         _, _, EP, _, _, PE = self._parts()
         p = EP.shape[1]
         if not p:
@@ -167,7 +180,8 @@ class ProductSketch:
         F, G = self.e_factors()
         miss_r = EP - F @ (G @ self.probe_right)  # D omega
         miss_l = PE - (self.probe_left @ F) @ G  # psi D
-        P, S = range_basis(left), range_basis(right.mT)
+        ln, rn = left.norm(dim=0), right.norm(dim=1)
+        P, S = left[:, ln > 0] / ln[ln > 0], (right[rn > 0] / rn[rn > 0, None]).mT
         est2 = (float((P.mT @ miss_r).pow(2).sum()) + float((miss_l @ S).pow(2).sum())) / p
         target = torch.cat([left, -self.B], dim=1), torch.cat([right, self.A], dim=0)
         t2 = float(((target[0].mT @ target[0]) * (target[1] @ target[1].mT)).sum())

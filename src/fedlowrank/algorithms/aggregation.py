@@ -42,9 +42,11 @@ class Aggregator(ABC):
 
 
 def aggregate(aggregator: Aggregator, uploads: Iterable[Payload]) -> tuple[Payload, State]:
-    """Feed `uploads` to `aggregator` in order and finish it."""
+    """Feed `uploads` to `aggregator` in order and finish it. With a generator of decoded uploads,
+    only one is alive at a time (each is let go before the next is produced)."""
     for u in uploads:
         aggregator.add(u)
+        del u
     return aggregator.finish()
 
 
