@@ -241,29 +241,35 @@ def markdown(rows: list[dict], goals: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against cumulative GB per task, in the shared style (`fedlowrank.runs.report`):
+    one colour / line style / marker per variant, titled, the legend below the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from fedlowrank.runs.report import algorithm_style
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.8 * len(tasks), 4.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for r in (r for r in rows if r["task"] == task):
+        runs = [r for r in rows if r["task"] == task]
+        for r in runs:
             gb = [p["cum_gb"] for p in r["curve"]]
             acc = [100 * p["accuracy"] for p in r["curve"]]
-            ax.plot(gb, acc, marker="o", markersize=3, label=f"{r['label']} ({r['parameters'] / 1e3:.0f}k params)")
+            ax.plot(gb, acc, markersize=3.5, linewidth=1.4, label=f"{r['label']} ({r['parameters'] / 1e3:.0f}k params)",
+                    **algorithm_style(r["label"]))  # fmt: skip
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(  # label the 2s and 5s between the decades
-            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
-        )
-        ax.set_xlabel("cumulative GB sent (up + down, log)")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("cumulative GB sent (up + down), log scale")
         ax.set_ylabel("test accuracy %")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_title(f"{task}, seed 0, {max(r['rounds'] for r in runs)} rounds", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.suptitle("FedAvg with FedPara, low-rank and plain layers: accuracy against bytes", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -272,7 +278,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--report", action="store_true", help="only tabulate finished runs")
+    ap.add_argument("--replot", action="store_true", help="only redraw fedpara_curves.png from the saved JSON")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((RESULTS / "fedpara_comparison.json").read_text())["runs"], RESULTS / "fedpara_curves.png")
+        return
     torch.set_num_threads(1)
     run_all(args.report)
     rows = collect()

@@ -128,18 +128,21 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 def algorithm_style(label: str) -> dict[str, Any]:
     """One colour, line style and marker per algorithm, the same in every plot: registered
-    algorithms by their place in the registry, other labels (variants) by a hash of the name."""
+    algorithms by their place in the registry (solid lines first), other labels (variants) by a
+    hash of the name (dashed or dotted, so they never look like a registered one)."""
     import zlib
 
     import matplotlib
 
     from fedlowrank.algorithms import ALGORITHMS
 
+    colors = matplotlib.colormaps["tab10"].colors
     names = list(ALGORITHMS)
-    i = names.index(label) if label in names else len(names) + zlib.crc32(label.encode()) % 97
-    colors = matplotlib.colormaps["tab20"].colors
-    return {"color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "linestyle": _LINESTYLES[(i // 10) % 4],
-            "marker": _MARKERS[i % len(_MARKERS)]}  # fmt: skip
+    if label in names:
+        i = names.index(label)
+        return {"color": colors[i % 10], "linestyle": _LINESTYLES[(i // 10) % 4], "marker": _MARKERS[i % len(_MARKERS)]}
+    h = zlib.crc32(label.encode())
+    return {"color": colors[h % 10], "linestyle": _LINESTYLES[1 + (h // 10) % 3], "marker": _MARKERS[(h // 30) % len(_MARKERS)]}
 
 
 def plot_curves(
