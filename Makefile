@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/fedlowrank run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

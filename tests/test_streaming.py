@@ -148,14 +148,24 @@ def test_sketched_fedsrd_step_matches_the_exact_one(efficient, round_):
         assert got.seeds == exact.seeds
 
 
-def test_auto_method_switches_at_sketch_above():
+def test_auto_method_switches_where_the_exact_step_stops_being_cheap(monkeypatch):
+    import fedlowrank.algorithms.aggregation as agg
+
     glob = lora_state(1, 20, 10, 4, 0, head=False)
     alg = make_algorithm("fedsrd", {"sketch_above": 8})
     info = RoundInfo(1, 0)
+    # a 20 x 10 module: the exact step is cheap at any m, so auto keeps it
+    assert "sketched" not in alg.server_step(glob, uploads_for(glob, 3, 0), [1, 1, 1], info, {})[0].stats
+    monkeypatch.setattr(agg, "EXACT_WORK", 100)  # as if the module were large
     two = alg.server_step(glob, uploads_for(glob, 2, 0), [1, 1], info, {})[0]  # 2 x 4 = 8: exact
     three = alg.server_step(glob, uploads_for(glob, 3, 0), [1, 1, 1], info, {})[0]  # 12 > 8: sketch
     assert "sketched" not in two.stats and three.stats["sketched"] == 1.0
     assert 0.0 <= three.stats["sketch_error_max"] < 1.0
+    # Llama-3.2-3B's gate module at r = 64: exact up to 16 clients, the sketch from 32
+    big = {"g.lora_A.weight": torch.zeros(64, 3072), "g.lora_B.weight": torch.zeros(8192, 64)}
+    monkeypatch.setattr(agg, "EXACT_WORK", 2**34)
+    fedsrd = make_algorithm("fedsrd")
+    assert [fedsrd.sketched(big, m) for m in (4, 8, 16, 32, 128)] == [False, False, False, True, True]
 
 
 def test_sketched_flexlora_matches_the_exact_product():
@@ -233,10 +243,10 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,options", [("fedavg", {}), ("fedsrd", {"method": "sketch"}), ("fedsrd", {})])
+@pytest.mark.parametrize("name,options", [("fedavg", {}), ("fedsrd", {})])
 def test_aggregating_200_uploads_stays_under_a_fixed_memory_bound(name, options):
     """200 decoded uploads would be 1.26 GB; streaming holds the accumulators and one upload.
-    ("fedsrd" with defaults: 200 x 16 > sketch_above, so "auto" streams too.)"""
+    ("fedsrd" with defaults: 200 x 16 > sketch_above, so "auto" runs the streaming sketch.)"""
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, name, json.dumps(options), "200"],
                          capture_output=True, text=True, timeout=600, check=True)  # fmt: skip
     got = json.loads(out.stdout.strip().splitlines()[-1])

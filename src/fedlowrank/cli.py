@@ -3,6 +3,7 @@
     fedlowrank run [PRESET | CONFIG.toml] [--set key=value ...] [--out DIR] [--runtime sim|flower]
     fedlowrank run --resume DIR
     fedlowrank list
+    fedlowrank show NAME
     fedlowrank report DIR [DIR ...] [--out DIR] [--markdown | --json]
     fedlowrank export RUN_DIR --out DIR [--merged] [--round N] [--algorithm NAME]
     fedlowrank generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--round N] [--algorithm NAME]

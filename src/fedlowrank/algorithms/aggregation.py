@@ -24,7 +24,13 @@ from fedlowrank.lora import lora_pairs
 from fedlowrank.payload import Payload
 from fedlowrank.sketch import ProductSketch
 
-__all__ = ["Aggregator", "Collecting", "WeightedMeans", "ModuleSketches", "aggregate"]
+__all__ = ["Aggregator", "Collecting", "WeightedMeans", "ModuleSketches", "aggregate", "use_sketch"]
+
+# `method = "auto"` keeps the exact step while it is cheap anyway: its QR work
+# sum over modules (d_out + d_in) min(m r, d_out, d_in)^2 (multiply-adds) and the m decoded
+# uploads it holds stay under these
+EXACT_WORK = 2**34  # about 1.7e10: a few seconds on 2 cores
+EXACT_BYTES = 2**30
 
 State = dict[str, torch.Tensor]
 
@@ -48,6 +54,25 @@ def aggregate(aggregator: Aggregator, uploads: Iterable[Payload]) -> tuple[Paylo
         aggregator.add(u)
         del u
     return aggregator.finish()
+
+
+def use_sketch(method: str, global_state: Mapping[str, torch.Tensor], sent: Sequence[str], clients: int,
+               sketch_above: int) -> bool:  # fmt: skip
+    """Whether a FedSRD / FlexLoRA round runs the streaming sketch: `method = "sketch"`, or
+    "auto" with clients x rank above `sketch_above` *and* an exact step that would not be cheap
+    (EXACT_WORK, EXACT_BYTES): small modules (MiniLM's 384 x 384, say) keep the exact step at any m."""
+    if method != "auto":
+        return method == "sketch"
+    pairs = lora_pairs({k: global_state[k] for k in sent})
+    rank = max((global_state[b].shape[1] for b, _ in pairs.values()), default=0)
+    if clients * rank <= sketch_above:
+        return False
+    work = 0
+    for b_key, a_key in pairs.values():
+        (d_out, r), d_in = global_state[b_key].shape, global_state[a_key].shape[1]
+        work += (d_out + d_in) * min(clients * r, d_out, d_in) ** 2
+    held = clients * sum(global_state[k].numel() * global_state[k].element_size() for k in sent)
+    return work > EXACT_WORK or held > EXACT_BYTES
 
 
 class Collecting(Aggregator):

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from fedlowrank.algorithms.aggregation import Aggregator, Collecting, ModuleSketches, aggregate
+from fedlowrank.algorithms.aggregation import Aggregator, Collecting, ModuleSketches, aggregate, use_sketch
 from fedlowrank.algorithms.base import KIND_STATE, RoundInfo, State, aggregation_weights, check_fields, derive_seed, mean_delta, reconstruct
 from fedlowrank.algorithms.fedavg import FedAvg, FedAvgConfig
 from fedlowrank.config import choice
@@ -29,7 +29,7 @@ __all__ = ["FlexLoRA", "FlexLoRAConfig"]
 @dataclass(frozen=True)
 class FlexLoRAConfig(FedAvgConfig):
     # "factored": exact; "sketch": streaming (fedlowrank.sketch); "auto": exact while
-    # clients x rank <= sketch_above. sketch_width as in FedSRD.
+    # clients x rank <= sketch_above or the exact step is cheap anyway (as FedSRD's)
     method: Literal["auto", "factored", "sketch"] = "auto"
     # where method = "auto" switches to "sketch": clients x LoRA rank above this
     sketch_above: int = 512
@@ -61,9 +61,7 @@ class FlexLoRA(FedAvg):
         cfg = self.config
         weights = aggregation_weights(num_samples, cfg.weighting)
         sent = self.sent_keys(global_state)
-        pairs = lora_pairs({k: global_state[k] for k in sent})
-        rank = max((global_state[b].shape[1] for b, _ in pairs.values()), default=0)
-        if cfg.method == "sketch" or (cfg.method == "auto" and len(num_samples) * rank > cfg.sketch_above):
+        if use_sketch(cfg.method, global_state, sent, len(num_samples), cfg.sketch_above):
             return _SketchStep(global_state, sent, weights, info, cfg.sketch_width)
         return Collecting(lambda uploads: (self._exact(global_state, uploads, weights, info), {}))
 
