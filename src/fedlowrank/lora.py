@@ -91,6 +91,13 @@ def truncated_svd_of_sum(
     return B_new, A_new
 
 
+def product_norm2(L: torch.Tensor, R: torch.Tensor | None) -> float:
+    """||L @ R||_F^2 without forming the product, as sum((L^T L) * (R R^T)) (||L||^2 when R is None)."""
+    if R is None:
+        return float((L * L).sum())
+    return float(((L.mT @ L) * (R @ R.mT)).sum())
+
+
 def balance_factors(B: torch.Tensor, A: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of the same product B A with equal spectra: B' = Q_B U S^1/2, A' = S^1/2 V^T Q_A^T.
 

@@ -5,6 +5,7 @@ with their types, defaults and meaning, generated from the config dataclasses th
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ def type_name(tp: object) -> str:
         return " | ".join(repr(a).replace("'", '"') for a in args)
     if origin is tuple:
         return f"list of {type_name(args[0])}" if args else "list"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in args)
     return getattr(tp, "__name__", str(tp))
 

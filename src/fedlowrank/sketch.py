@@ -43,19 +43,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ProductSketch", "range_basis"]
+from fedlowrank.lora import product_norm2
 
-
-def range_basis(M: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """An orthonormal basis (d x rank) of M's column space (M is d x q, q small), dropping
-    directions below rtol * s_max: a zero or rank-deficient factor (LoRA's B = 0 at the start)
-    gives fewer columns. QR, then the SVD of the q x q triangle: O(d q^2), rank-revealing."""
-    return _thin_svd(M, rtol)[0]
+__all__ = ["ProductSketch"]
 
 
 def _thin_svd(M: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, V) with M ~ U diag(S) V^T over the directions above rtol * s_max (U orthonormal,
-    d x k); by QR and the SVD of the q x q triangle."""
+    d x k: fewer columns for a zero or rank-deficient factor, LoRA's B = 0 at the start); by QR
+    and the SVD of the q x q triangle, O(d q^2), rank-revealing."""
     Q, R = torch.linalg.qr(M, mode="reduced")
     U, S, Vh = torch.linalg.svd(R)
     if S.numel() == 0 or float(S[0]) <= 0:
@@ -105,7 +101,7 @@ class ProductSketch:
         self.dB, self.dA = torch.zeros_like(B), torch.zeros_like(A)
         self._ER = B.new_zeros(d_out, self._right.shape[1])  # E [V, Omega, probes]
         self._LE = B.new_zeros(self._left.shape[0], d_in)  # [U^T; Psi; probes] E
-        self.count = 0
+        self._done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # what the sums give, once
 
     def add(self, dB: torch.Tensor, dA: torch.Tensor, weight: float) -> None:
         """Fold one client's deltas (the factors' dtype and shapes) in with weight p_i."""
@@ -117,7 +113,7 @@ class ProductSketch:
         self.dA.add_(dA, alpha=w)
         self._ER.add_(dB @ (dA @ self._right), alpha=w)
         self._LE.add_((self._left @ dB) @ dA, alpha=w)
-        self.count += 1
+        self._done.clear()
 
     def _parts(self):
         v, k = self.V.shape[1], self.width
@@ -126,16 +122,35 @@ class ProductSketch:
         UtE, PsiE, PE = self._LE[:u], self._LE[u : u + l], self._LE[u + l :]
         return EV, EO, EP, UtE, PsiE, PE
 
+    def _cross(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E V, G) with G = U^T E - U^T E V V^T: E ~ E V V^T + U G."""
+        if "cross" not in self._done:
+            EV, _, _, UtE, _, _ = self._parts()
+            self._done["cross"] = EV, UtE - (self.U.mT @ EV) @ self.V.mT
+        return self._done["cross"]
+
+    def _remainder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E_rem = (I - U U^T) E (I - V V^T) ~ Q X from the range and co-range sketches: Omega is
+        orthogonal to V and Psi to U, so E_rem Omega = (I - U U^T) E Omega and Psi E_rem =
+        Psi E (I - V V^T)."""
+        if "remainder" not in self._done:
+            _, EO, _, _, PsiE, _ = self._parts()
+            U, V = self.U, self.V
+            Y = EO - U @ (U.mT @ EO)
+            Zr = PsiE - (PsiE @ V) @ V.mT
+            Q, _ = torch.linalg.qr(Y, mode="reduced")
+            self._done["remainder"] = Q, torch.linalg.lstsq(self.psi @ Q, Zr).solution
+        return self._done["remainder"]
+
     def e_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(F, G) with E ~ F @ G: the cross approximation plus the remainder sketch."""
-        EV, _, _, UtE, _, _ = self._parts()
-        U, V = self.U, self.V
-        F, G = [EV, U], [V.mT, UtE - (U.mT @ EV) @ V.mT]
+        EV, G = self._cross()
+        F, Gs = [EV, self.U], [self.V.mT, G]
         if self.width:
             Q, X = self._remainder()
             F.append(Q)
-            G.append(X)
-        return torch.cat(F, dim=1), torch.cat(G, dim=0)
+            Gs.append(X)
+        return torch.cat(F, dim=1), torch.cat(Gs, dim=0)
 
     def factors(self, difference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, R) with L @ R ~ W, or ~ W - B A with `difference` (FedSRD-e's target, formed
@@ -143,29 +158,16 @@ class ProductSketch:
         in range(B) and V^T in A's row space, so U = B pinv(B) U and V^T = V^T pinv(A) A fold
         the cross terms into the two factors, W ~ B (A + dA_bar + pinv(B) U G) + (dB_bar +
         E V V^T pinv(A)) A."""
-        EV, _, _, UtE, _, _ = self._parts()
-        U, V = self.U, self.V
-        G = UtE - (U.mT @ EV) @ V.mT
+        EV, G = self._cross()
         first = self.dA if difference else self.A + self.dA
-        right = first + self._pinvB_U @ G if U.shape[1] else first
-        left = self.dB + EV @ self._Vt_pinvA if V.shape[1] else self.dB
+        right = first + self._pinvB_U @ G if self.U.shape[1] else first
+        left = self.dB + EV @ self._Vt_pinvA if self.V.shape[1] else self.dB
         L, R = [self.B, left], [right, self.A]
         if self.width:
             Q, X = self._remainder()
             L.append(Q)
             R.append(X)
         return torch.cat(L, dim=1), torch.cat(R, dim=0)
-
-    def _remainder(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """E_rem = (I - U U^T) E (I - V V^T) ~ Q X from the range and co-range sketches: Omega is
-        orthogonal to V and Psi to U, so E_rem Omega = (I - U U^T) E Omega and Psi E_rem =
-        Psi E (I - V V^T)."""
-        _, EO, _, _, PsiE, _ = self._parts()
-        U, V = self.U, self.V
-        Y = EO - U @ (U.mT @ EO)
-        Zr = PsiE - (PsiE @ V) @ V.mT
-        Q, _ = torch.linalg.qr(Y, mode="reduced")
-        return Q, torch.linalg.lstsq(self.psi @ Q, Zr).solution
 
     def first_order_error(self, left: torch.Tensor, right: torch.Tensor) -> float:
         """Estimated first-order error of a rank-r result left @ right ~ SVD_r(W), relative to
@@ -183,6 +185,5 @@ class ProductSketch:
         ln, rn = left.norm(dim=0), right.norm(dim=1)
         P, S = left[:, ln > 0] / ln[ln > 0], (right[rn > 0] / rn[rn > 0, None]).mT
         est2 = (float((P.mT @ miss_r).pow(2).sum()) + float((miss_l @ S).pow(2).sum())) / p
-        target = torch.cat([left, -self.B], dim=1), torch.cat([right, self.A], dim=0)
-        t2 = float(((target[0].mT @ target[0]) * (target[1] @ target[1].mT)).sum())
+        t2 = product_norm2(torch.cat([left, -self.B], dim=1), torch.cat([right, self.A], dim=0))
         return (est2 / t2) ** 0.5 if t2 > 0 else 0.0

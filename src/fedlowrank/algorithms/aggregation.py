@@ -22,6 +22,7 @@ import torch
 
 from fedlowrank.lora import lora_pairs
 from fedlowrank.payload import Payload
+from fedlowrank.seeds import derive_seed
 from fedlowrank.sketch import ProductSketch
 
 __all__ = ["Aggregator", "Collecting", "WeightedMeans", "ModuleSketches", "aggregate", "use_sketch"]
@@ -113,15 +114,17 @@ class WeightedMeans:
 
 
 class ModuleSketches:
-    """A `ProductSketch` per LoRA module of `keys` (in `work` dtype, seeded by `seed_of(module)`)
-    and weighted means of the other keys."""
+    """A `ProductSketch` per LoRA module of `keys` (in `work` dtype, its random matrices seeded by
+    (run seed, "sketch", round, module), so a round repeats exactly) and weighted means of the
+    other keys."""
 
     def __init__(
         self,
         global_state: Mapping[str, torch.Tensor],
         keys: Sequence[str],
         weights: Sequence[float],
-        seed_of: Callable[[str], int],
+        seed: int,
+        round: int,
         work: Callable[[torch.Tensor], torch.dtype],
         width: int,
     ) -> None:
@@ -132,7 +135,7 @@ class ModuleSketches:
         for module, (b_key, a_key) in self.pairs.items():
             B, A = global_state[b_key], global_state[a_key]
             dt = work(B)
-            self.sketches[module] = ProductSketch(B.to(dt), A.to(dt), seed_of(module), width=width)
+            self.sketches[module] = ProductSketch(B.to(dt), A.to(dt), derive_seed(seed, "sketch", round, module), width=width)
 
     def add(self, upload: Payload) -> None:
         w = self.means.add(upload)

@@ -59,7 +59,7 @@ from fedlowrank.algorithms.base import (
 )
 from fedlowrank.algorithms.upload import SparseUploadClient, UploadConfig
 from fedlowrank.config import choice
-from fedlowrank.lora import balance_factors, lora_pairs, truncated_svd_of_sum
+from fedlowrank.lora import balance_factors, lora_pairs, product_norm2, truncated_svd_of_sum
 from fedlowrank.payload import Payload
 from fedlowrank.sparsify import dare, kept_energy
 
@@ -220,13 +220,6 @@ def decompose(
     return solve_factor(L, R, B, A, int(round), solve, tol)
 
 
-def _norm2(L: torch.Tensor, R: torch.Tensor | None) -> float:
-    """||L @ R||_F^2 without forming the product (||L||^2 when R is None)."""
-    if R is None:
-        return float((L * L).sum())
-    return float(((L.mT @ L) * (R @ R.mT)).sum())
-
-
 @dataclass(frozen=True)
 class FedSRDConfig(UploadConfig):
     """FedSRD's knobs; defaults are the paper's (and the published code's) values."""
@@ -374,7 +367,7 @@ class _Step:
     exact and the sketched steps)."""
 
     def __init__(self, alg: FedSRD, global_state, info: RoundInfo, memory: State) -> None:
-        self.alg, self.cfg, self.info, self.memory = alg, alg.config, info, memory
+        self.cfg, self.info, self.memory = alg.config, info, memory
         self.global_state = global_state
         self.sent = alg.sent_keys(global_state)
         self.pairs = lora_pairs({k: global_state[k] for k in self.sent})
@@ -411,7 +404,7 @@ class _Step:
             res_L = torch.cat([L, -d], dim=1) if odd else torch.cat([L, -B], dim=1)
             res_R = torch.cat([R, A], dim=0) if odd else torch.cat([R, d], dim=0)
             if diag is not None:
-                diag.add(B, A, odd, solved, d, _norm2(L, R), _norm2(res_L, res_R))
+                diag.add(B, A, odd, solved, d, product_norm2(L, R), product_norm2(res_L, res_R))
             if cfg.download_feedback:
                 keep_L, keep_R = truncated_svd_of_sum([res_L], [res_R], [1.0], 2 * B.shape[1])
                 self.new_memory[fb_L], self.new_memory[fb_R] = keep_L.to(B0.dtype).contiguous(), keep_R.to(A0.dtype).contiguous()
@@ -432,8 +425,7 @@ class _SketchStep(Aggregator):
     def __init__(self, alg: FedSRD, global_state, weights, info: RoundInfo, memory: State) -> None:
         self.alg, self.info, self.memory, self.global_state = alg, info, memory, global_state
         cfg = alg.config
-        self.sums = ModuleSketches(global_state, alg.sent_keys(global_state), weights,
-                                   lambda module: derive_seed(info.seed, "sketch", info.round, module),
+        self.sums = ModuleSketches(global_state, alg.sent_keys(global_state), weights, info.seed, info.round,
                                    alg._work, cfg.sketch_width)  # fmt: skip
 
     def add(self, upload: Payload) -> None:
@@ -446,15 +438,13 @@ class _SketchStep(Aggregator):
         errors = []
         for module, sk in self.sums.sketches.items():
             B, A = sk.B, sk.A
-            r = B.shape[1]
-            if cfg.efficient:
+            if cfg.efficient:  # T = W - B A directly; its solve is exact when B and A have full rank
                 L, R = sk.factors(difference=True)
-                left, right = L, R
-            else:
+            else:  # T = SVD_r(W) - B A
                 Lw, Rw = sk.factors()
-                left, right = truncated_svd_of_sum([Lw], [Rw], [1.0], r)
+                left, right = truncated_svd_of_sum([Lw], [Rw], [1.0], B.shape[1])
                 L, R = torch.cat([left, B], dim=1), torch.cat([right, -A], dim=0)
-            errors.append(sk.first_order_error(left, right) if not cfg.efficient else 0.0)
+                errors.append(sk.first_order_error(left, right))
             step.module(module, B, A, L, R)
         for key, acc in self.sums.means.sums.items():
             step.out[key] = acc

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from fedlowrank.algorithms.aggregation import Aggregator, Collecting, ModuleSketches, aggregate, use_sketch
-from fedlowrank.algorithms.base import KIND_STATE, RoundInfo, State, aggregation_weights, check_fields, derive_seed, mean_delta, reconstruct
+from fedlowrank.algorithms.base import KIND_STATE, RoundInfo, State, aggregation_weights, check_fields, mean_delta, reconstruct
 from fedlowrank.algorithms.fedavg import FedAvg, FedAvgConfig
 from fedlowrank.config import choice
 from fedlowrank.lora import lora_pairs, truncated_svd_of_sum
@@ -80,7 +80,7 @@ class FlexLoRA(FedAvg):
 class _SketchStep(Aggregator):
     def __init__(self, global_state, sent, weights, info: RoundInfo, width: int) -> None:
         self.global_state, self.round = global_state, info.round
-        self.sums = ModuleSketches(global_state, sent, weights, lambda module: derive_seed(info.seed, "sketch", info.round, module),
+        self.sums = ModuleSketches(global_state, sent, weights, info.seed, info.round,
                                    lambda t: torch.promote_types(t.dtype, torch.float32), width)  # fmt: skip
 
     def add(self, upload: Payload) -> None:
