@@ -172,26 +172,40 @@ def test_run_config_keys_are_checked():
         FlowerRunOptions.from_run_config({"round-timeout": "soon"})
 
 
+def test_the_server_app_stops_after_the_round_in_which_its_watched_process_is_gone():
+    """`watch-pid`: a simulation whose `fedlowrank run` was killed stops at the next round
+    boundary (its checkpoint written) instead of writing the run directory on its own."""
+    import subprocess
+    import sys
+
+    from fedlowrank.flower.server_app import DriverGone, _LogProgress
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    progress = _LogProgress(driver.pid)
+    record = {"round": 1, "accepted": 1, "clients": [0], "upload_bytes": 1, "download_bytes": 1}
+    progress.start("fedavg", 3, 0)
+    progress.advance("fedavg", record)  # alive: goes on
+    driver.kill()
+    driver.wait()
+    with pytest.raises(DriverGone, match=str(driver.pid)):
+        progress.advance("fedavg", record)
+    _LogProgress(0).advance("fedavg", record)  # no watch (a deployment): never stops
+
+
 @pytest.mark.slow
 def test_causal_lm_on_flower_writes_the_same_adapter_as_the_in_process_runtime(tmp_path):
     """Your data on Flower: the run directory gets the same adapter/ and states/ as in-process."""
-    from flwr.simulation import run_simulation
     from safetensors.torch import load_file
 
     from byo_models import lm_rows, write_rows
-    from fedlowrank.flower.client_app import app as client_app
-    from fedlowrank.flower.server_app import make_server_app
+    from fedlowrank.flower.simulate import simulate
 
     data = write_rows(lm_rows(24, 3), tmp_path / "rows.jsonl")
     config = tmp_path / "my.toml"
     config.write_text(f'name = "byo"\nalgorithms = ["fedsrd-plus"]\n[task]\nname = "causal-lm"\nmodel = "tiny"\n'
                       f'data = "{data}"\nclient_column = "client"\nlora_rank = 2\nlocal_steps = 2\n'
                       f'[sim]\nrounds = 2\n')  # fmt: skip
-    opts = {"config": str(config), "out-dir": str(tmp_path / "flower"), "round-timeout": 120.0}
-    run_simulation(
-        make_server_app(opts), client_app, num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
-    )  # fmt: skip
+    simulate(str(config), [], tmp_path / "flower", quiet=True)
     cfg, _ = load_run_config(str(config), [])
     run_experiment(cfg, tmp_path / "inproc")
     for run in ("flower", "inproc"):

@@ -15,6 +15,8 @@ Flower run config keys (`[tool.flwr.app.config]`, or `flwr run . --run-config "k
     round-timeout     seconds to wait for the replies of one round's messages
     nodes-timeout     seconds to wait at the start for a SuperNode per data partition
     log-level         the ServerApp's own lines: DEBUG, INFO (one per round, the default), WARNING, ERROR
+    watch-pid         > 0: stop after the round in which this process (on the ServerApp's machine)
+                      is found gone; `fedlowrank run --runtime flower` sets its own pid (default 0)
 
 SuperNodes say which data partition (client id) they hold with the node config key
 `partition-id` (Flower's simulation engine sets it for every virtual node).
@@ -80,6 +82,7 @@ class FlowerRunOptions:
     nodes_timeout: float = 60.0
     log_level: str = "INFO"  # the ServerApp's own log lines (one per round); WARNING: quiet
     resume: bool = False
+    watch_pid: int = 0  # > 0: the ServerApp stops after a round once this process is gone
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FlowerRunOptions":
@@ -97,8 +100,8 @@ class FlowerRunOptions:
         opts = cls(**kw)
         if opts.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"Flower run config: log-level must be DEBUG, INFO, WARNING or ERROR, got {opts.log_level!r}")
-        if opts.num_server_rounds < 0 or opts.round_timeout <= 0 or opts.nodes_timeout <= 0:
-            raise ConfigError("Flower run config: num-server-rounds must be >= 0, the timeouts > 0")
+        if opts.num_server_rounds < 0 or opts.watch_pid < 0 or opts.round_timeout <= 0 or opts.nodes_timeout <= 0:
+            raise ConfigError("Flower run config: num-server-rounds and watch-pid must be >= 0, the timeouts > 0")
         return opts
 
     def overrides(self) -> list[str]:

@@ -1,10 +1,12 @@
-"""Ray's processes must not outlive `fedlowrank run --runtime flower`, however it ends.
+"""Flower's and Ray's processes must not outlive `fedlowrank run --runtime flower`, however it ends.
 
-Ray starts its own processes (raylet, GCS, the dashboard and runtime-env agents, the ClientApp
-actors); when the driver is killed with SIGKILL some of them (the agents) stay alive. The reaper
-is a small watchdog process, started once per driver process: every half second it records the
-driver's Ray descendants (by pid and start time), and when the driver is gone it SIGKILLs those
-that are still the same processes. Only processes whose command line names Ray are touched.
+The run starts a SuperLink, which starts Flower's SuperExec and simulation process, which starts
+Ray's (raylet, GCS, the dashboard and runtime-env agents, the ClientApp actors), and `flwr run`;
+when the driver is killed with SIGKILL they stay alive (SuperExec starts its own session, so
+not even a process group holds them all). The reaper is a small watchdog process, started once
+per driver process: every half second it records the driver's Flower and Ray descendants (by pid
+and start time), and when the driver is gone it SIGKILLs those that are still the same
+processes. Only processes whose command line names Flower or Ray are touched.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ def stat(pid):
         return None
 
 
-def is_ray(pid):
+MARKS = (b"ray::", b"/ray/", b"raylet", b"gcs_server", b"flower-superlink", b"flower-superexec", b"flwr-simulation",
+         b"flwr-serverapp", b"flwr-clientapp", b"bin/flwr\0")
+
+
+def ours(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read()
     except OSError:
         return False
-    return b"ray::" in cmd or b"/ray/" in cmd or b"raylet" in cmd or b"gcs_server" in cmd
+    return any(m in cmd for m in MARKS)
 
 
 seen = {}
@@ -58,7 +64,7 @@ while True:
                 family.add(c)
                 todo.append(c)
     for c in family:
-        if c not in seen and is_ray(c):
+        if c not in seen and ours(c):
             seen[c] = parents[c][2]
     time.sleep(0.5)
 time.sleep(1.0)  # a normal exit: Ray's own shutdown goes first

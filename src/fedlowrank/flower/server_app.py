@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from fedlowrank.flower.transport import FlowerTransport, NodeDirectory
 from fedlowrank.runconfig import RunConfig, dump_toml, load_run_config
 from fedlowrank.runs.experiment import run_experiment
 
-__all__ = ["app", "make_server_app", "run_on_grid", "resolve"]
+__all__ = ["app", "run_on_grid", "resolve"]
 
 log = logging.getLogger("fedlowrank.flower")
 
@@ -42,16 +44,46 @@ def resolve(opts: FlowerRunOptions) -> tuple[RunConfig, Path]:
     return cfg, out.resolve()
 
 
+class DriverGone(RuntimeError):
+    """The process named by the `watch-pid` run config key is gone: the run stops."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class _LogProgress:
-    """One log line per round (the `log-level` run config key silences it)."""
+    """One log line per round (the `log-level` run config key silences it). With `watch_pid`,
+    the run stops (DriverGone) after the first round that ends with that process gone: a
+    simulation whose `fedlowrank run` was killed must not go on writing its run directory (the
+    round is checkpointed before; `--resume` continues from it)."""
+
+    def __init__(self, watch_pid: int = 0) -> None:
+        self.watch_pid = watch_pid
+
+    def _check(self) -> None:
+        if self.watch_pid and not _alive(self.watch_pid):
+            raise DriverGone(f"process {self.watch_pid}, which started this run, is gone: stopping")
 
     def start(self, algorithm: str, rounds: int, done: int) -> None:
+        self._check()
         log.info("%s: rounds %d to %d", algorithm, done + 1, rounds)
 
     def advance(self, algorithm: str, record: dict[str, Any]) -> None:
         acc = f", accuracy {record['eval']['accuracy']:.4f}" if "eval" in record else ""
         log.info("%s round %d: %d of %d clients accepted, %d bytes up, %d bytes down%s", algorithm, record["round"],
                  record["accepted"], len(record["clients"]), record["upload_bytes"], record["download_bytes"], acc)  # fmt: skip
+        self._check()
 
     def finish(self, algorithm: str, summary: dict[str, Any]) -> None:
         log.info("%s: done", algorithm)
@@ -71,31 +103,30 @@ def run_on_grid(grid: Grid, opts: FlowerRunOptions) -> list[dict[str, Any]]:
 
         return build
 
-    summaries = run_experiment(cfg, out, resume=opts.resume, progress=_LogProgress(), transport=transport,
-                               runtime_note=" (Flower)")  # fmt: skip
+    summaries = run_experiment(cfg, out, resume=opts.resume, progress=_LogProgress(opts.watch_pid),
+                               transport=transport, runtime_note=" (Flower)")  # fmt: skip
     if opts.log_level in ("DEBUG", "INFO"):
         print(f"fedlowrank: run directory {out}", flush=True)
     return summaries
 
 
-def make_server_app(defaults: dict[str, Any] | None = None, errors: list[BaseException] | None = None) -> ServerApp:
-    """A ServerApp whose run config is `defaults` updated with Flower's run config (the CLI and
-    tests pass `defaults`, since Flower's `run_simulation` takes no run config). An exception
-    that ends the run is appended to `errors` too (the simulation engine only logs it)."""
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            opts = FlowerRunOptions.from_run_config({**(defaults or {}), **context.run_config})
-            logging.getLogger("fedlowrank").setLevel(getattr(logging, opts.log_level))
-            run_on_grid(grid, opts)
-        except BaseException as e:
-            if errors is not None:
-                errors.append(e)
-            raise
-
-    return server
+def _log_to_stdout(level: str) -> None:
+    """fedlowrank's log lines at `level` and above, on stdout unless a handler already takes them
+    (in the ServerApp process Flower starts, none does; Flower streams its stdout to `flwr run
+    --stream`)."""
+    ours = logging.getLogger("fedlowrank")
+    ours.setLevel(getattr(logging, level))
+    if not ours.hasHandlers():
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
 
 
-app = make_server_app()
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    opts = FlowerRunOptions.from_run_config(context.run_config)
+    _log_to_stdout(opts.log_level)
+    run_on_grid(grid, opts)
