@@ -47,7 +47,11 @@ cmd = sys.argv[1]
 if cmd == "run":
     print("Successfully started run 42")
     print("INFO :      Starting logstream for run_id `42`")
-    print("\n".join(log[:2]))
+    print("\n".join(log[:2]), flush=True)
+    if {final!r} == "hang":  # the ServerApp said it is done; Flower takes its time to shut down
+        print("DONE", flush=True)
+        import time
+        time.sleep(60)
 elif cmd == "ls":
     n = int(state.read_text()) if state.exists() else 0
     state.write_text(str(n + 1))
@@ -89,6 +93,17 @@ def test_a_run_that_finished_failed_is_an_error_with_its_last_lines(tmp_path, mo
         link._up = True
         with pytest.raises(FlowerEngineError, match=r"(?s)run 42 ended finished:failed.*line 3"):
             link.submit({"config": "digits-all"}, {"num-supernodes": 2}, lambda line: None)
+
+
+def test_a_done_line_returns_at_once_without_waiting_for_flower_to_shut_down(tmp_path, monkeypatch):
+    import time
+
+    with _fake_link(tmp_path, monkeypatch, "hang") as link:
+        link._up = True
+        t0 = time.monotonic()
+        lines = link.submit({"config": "digits-all"}, {"num-supernodes": 2}, lambda line: None, done=lambda l: l == "DONE")
+        assert time.monotonic() - t0 < 20 and lines[-1] == "DONE"
+    assert not (tmp_path / "ls-calls").exists()  # no status asked: the ServerApp said it finished
 
 
 @pytest.mark.slow

@@ -147,12 +147,14 @@ class LocalSuperLink:
             self._tmp = None
 
     # --- runs ---------------------------------------------------------------------------------
-    def submit(self, run_config: Mapping[str, Any], federation: Mapping[str, Any],
-               echo: Callable[[str], None]) -> list[str]:  # fmt: skip
+    def submit(self, run_config: Mapping[str, Any], federation: Mapping[str, Any], echo: Callable[[str], None],
+               done: Callable[[str], bool] | None = None) -> list[str]:  # fmt: skip
         """Run our Flower App with `run_config` (Flower run config keys) on `federation` (Flower
         simulation config keys, e.g. num-supernodes) and wait until the run has finished; each
         line of its log goes to `echo` as it comes. Returns every line printed.
-        FlowerEngineError (with the last lines) unless the run finished as completed.
+        FlowerEngineError (with the last lines) unless the run finished as completed. A log line
+        for which `done` is true says the ServerApp's work is complete: `submit` returns at once,
+        without waiting for Flower to shut its simulation down (the caller then stops it).
 
         The end of `flwr run --stream` is not taken for the end of the run: the log stream has
         been seen to end seconds into a run, so the run's status is asked (`flwr ls`) and the
@@ -168,9 +170,10 @@ class LocalSuperLink:
         flwr = _executable("flwr")
         lines: list[str] = []
         seen = 0  # lines of the run's log echoed so far (a new log stream starts from the first)
+        complete = False  # a line said `done`
 
         def follow(command: list[str]) -> int:
-            nonlocal seen
+            nonlocal seen, complete
             run = subprocess.Popen(command, env=self.env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)  # fmt: skip
             in_log = 0  # lines of the run's log in this stream
@@ -187,6 +190,9 @@ class LocalSuperLink:
                         seen = in_log
                         lines.append(line)
                         echo(line)
+                        if done is not None and done(line):
+                            complete = True
+                            return 0
                 run.wait()
             finally:
                 _stop_group(run)
@@ -197,9 +203,11 @@ class LocalSuperLink:
         if rc != 0 or not started:
             raise FlowerEngineError(f"`flwr run` exited with code {rc}:\n{self._tail(lines)}")
         run_id = started[0].group(1)
-        while (status := self._status(run_id)) is not None and not status.startswith("finished"):
+        while not complete and (status := self._status(run_id)) is not None and not status.startswith("finished"):
             time.sleep(1.0)  # the log stream ended before the run did: follow it again
             follow([flwr, "log", run_id, "local", "--stream"])
+        if complete:
+            return lines
         if status != "finished:completed":
             raise FlowerEngineError(f"Flower run {run_id} ended {status or 'with the SuperLink gone'}:\n{self._tail(lines)}")
         return lines

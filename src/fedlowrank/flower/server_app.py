@@ -32,6 +32,8 @@ __all__ = ["app", "run_on_grid", "resolve"]
 
 log = logging.getLogger("fedlowrank.flower")
 
+FINISHED = "fedlowrank: finished; run directory"  # the ServerApp's last line after a complete run
+
 
 def resolve(opts: FlowerRunOptions) -> tuple[RunConfig, Path]:
     """The run config (restricted to `algorithm` when one is named) and the run directory."""
@@ -105,8 +107,7 @@ def run_on_grid(grid: Grid, opts: FlowerRunOptions) -> list[dict[str, Any]]:
 
     summaries = run_experiment(cfg, out, resume=opts.resume, progress=_LogProgress(opts.watch_pid),
                                transport=transport, runtime_note=" (Flower)")  # fmt: skip
-    if opts.log_level in ("DEBUG", "INFO"):
-        print(f"fedlowrank: run directory {out}", flush=True)
+    print(f"{FINISHED} {out}", flush=True)  # whatever the log level: `--runtime flower` waits for it
     return summaries
 
 

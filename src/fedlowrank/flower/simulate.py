@@ -63,12 +63,13 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     own lines (one per round) and errors reach stderr; with `quiet`, errors only."""
     from fedlowrank.flower.local_superlink import LocalSuperLink
     from fedlowrank.flower.reaper import start_reaper
+    from fedlowrank.flower.server_app import FINISHED
     from fedlowrank.runs.rundir import RunDir
 
     out = Path(out).resolve()
 
     def echo(line: str) -> None:
-        if verbose or _OURS.search(line):
+        if verbose or (_OURS.search(line) and not line.startswith(FINISHED)):  # the CLI says where the run is
             print(line, file=sys.stderr, flush=True)
 
     start_reaper()  # Flower's and Ray's processes die with this one, even after kill -9
@@ -83,7 +84,8 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
                       # the actors' own log lines reach the terminal only with --verbose (a client's
                       # failure is in events.log either way)
                       "init-args-log-to-driver": verbose}  # fmt: skip
-        lines = link.submit(run_config, federation, echo)
+        # done once the ServerApp says so: Flower's own shut-down of Ray (2-4 s) is cut short
+        lines = link.submit(run_config, federation, echo, done=lambda line: line.startswith(FINISHED))
     many = len(cfg.algorithms) > 1
     summaries = []
     for algorithm in cfg.algorithms:
