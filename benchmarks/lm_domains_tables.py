@@ -23,6 +23,10 @@ perplexity against cumulative MB sent and against rounds, Table 3's methods).
 
     .venv/bin/python benchmarks/lm_domains_tables.py                 # ~2 h on 2 cores, 21 runs
     .venv/bin/python benchmarks/lm_domains_tables.py --tables-only   # from existing runs
+    .venv/bin/python benchmarks/lm_domains_tables.py --replot        # redraw the plot from the JSON
+
+The JSON keeps each Table 3 run's per-round bytes and in-domain perplexity (`curves`), so the
+plot can be redrawn without the run directories.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 
 from fedlowrank.runconfig import load_run_config
 from fedlowrank.runs.experiment import run_experiment
-from fedlowrank.runs.report import plot_curves
+from fedlowrank.runs.report import curves_title, plot_curves
 from fedlowrank.runs.rundir import RunDir
 from fedlowrank.tasks import make_task
 
@@ -228,25 +232,43 @@ def tables(root: Path, base: dict[str, float] | None) -> tuple[dict[str, Any], s
     return data, "\n".join(lines)
 
 
+def _title() -> str:
+    cfg, _ = load_run_config(PRESET)
+    return curves_title(cfg.task_name, [cfg.seed], cfg.sim.rounds, "Table 3 methods")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="runs/results", help="where the run directories go")
     ap.add_argument("--tables-only", action="store_true", help="do not run; tabulate finished runs")
     ap.add_argument("--no-base", action="store_true", help="skip the base-model evaluation row")
     ap.add_argument("--results", default="benchmarks/results", help="where the JSON and markdown go")
+    ap.add_argument("--replot", action="store_true", help="only redraw lm_domains_curves.png from the saved JSON")
     args = ap.parse_args()
     root = Path(args.root)
+    out = Path(args.results)
+    if args.replot:
+        saved = json.loads((out / "lm_domains_tables.json").read_text())
+        if "curves" not in saved:
+            raise SystemExit(f"{out / 'lm_domains_tables.json'} has no per-round curves (written before they were "
+                             "saved): rerun with --tables-only from the run directories, or run the benchmark")  # fmt: skip
+        plot_curves(list(saved["curves"].items()), out / "lm_domains_curves.png", metric="in_domain_ppl",
+                    title=_title())  # fmt: skip
+        print(f"wrote {out / 'lm_domains_curves.png'}")
+        return
     t0 = time.perf_counter()
     if not args.tables_only:
         run_all(root)
     base = None if args.no_base else base_model_eval()
     data, md = tables(root, base)
-    out = Path(args.results)
+    curves = {a: [{"round": r["round"], "upload_bytes": r["upload_bytes"], "download_bytes": r["download_bytes"],
+                   **({"eval": {"in_domain_ppl": r["eval"]["in_domain_ppl"]}} if "in_domain_ppl" in r.get("eval", {}) else {})}
+                  for r in RunDir(root / "lm-domains-tables" / a).read_metrics()] for a in TABLE3}  # fmt: skip
+    data["curves"] = curves
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_domains_tables.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / "lm_domains_tables.md").write_text(md)
-    plot_curves([(a, RunDir(root / "lm-domains-tables" / a).read_metrics()) for a in TABLE3],
-                out / "lm_domains_curves.png", metric="in_domain_ppl")  # fmt: skip
+    plot_curves(list(curves.items()), out / "lm_domains_curves.png", metric="in_domain_ppl", title=_title())
     print(md)
     print(f"wrote {out / 'lm_domains_tables.md'} ({time.perf_counter() - t0:.0f} s)")
 

@@ -140,8 +140,8 @@ class LocalSuperLink:
 
     def __exit__(self, *exc: Any) -> None:
         p, self._proc = self._proc, None
-        if p is not None:
-            _stop_group(p)
+        if p is not None:  # nothing of it is kept (its state is a temporary folder): no grace needed
+            _stop_group(p, grace=0.2)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -258,11 +258,11 @@ def _descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def _stop_group(p: subprocess.Popen) -> None:
-    """Stop `p`, its process group and every process below it: SIGTERM, 10 s, SIGKILL (a
+def _stop_group(p: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop `p`, its process group and every process below it: SIGTERM, `grace` s, SIGKILL (a
     process is killed only while it is the same one: its start time is checked)."""
     family = _descendants(p.pid)
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(p.pid, sig)
         except ProcessLookupError:
