@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlowrank.flower.local_superlink import stop_process_tree
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,22 +113,8 @@ def alive(pid: int) -> bool:
 
 
 def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    try:  # also whatever the node left in its group (ClientApp / ServerApp subprocesses)
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait(5)
+    """Stop `p`, its process group and what it started (ClientApp / ServerApp subprocesses)."""
+    stop_process_tree(p, grace=5.0)
 
 
 # a run takes about 80 s on a quiet 2-core machine; a loaded one (CI beside other jobs) needs more

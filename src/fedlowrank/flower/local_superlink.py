@@ -37,7 +37,7 @@ from typing import Any
 
 from fedlowrank.runconfig import dump_toml
 
-__all__ = ["LocalSuperLink", "write_app", "FlowerEngineError"]
+__all__ = ["LocalSuperLink", "write_app", "FlowerEngineError", "stop_process_tree"]
 
 STARTUP_TIMEOUT = 120.0  # seconds for the SuperLink's HTTP API to answer (about 3 s on 2 idle cores)
 
@@ -141,7 +141,7 @@ class LocalSuperLink:
     def __exit__(self, *exc: Any) -> None:
         p, self._proc = self._proc, None
         if p is not None:  # nothing of it is kept (its state is a temporary folder): no grace needed
-            _stop_group(p, grace=0.2)
+            stop_process_tree(p, grace=0.2)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -195,7 +195,7 @@ class LocalSuperLink:
                             return 0
                 run.wait()
             finally:
-                _stop_group(run)
+                stop_process_tree(run)
             return run.returncode
 
         rc = follow([flwr, "run", str(app), "local", "--stream", "--run-config", str(config), "--federation-config", fed])
@@ -258,7 +258,7 @@ def _descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def _stop_group(p: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process_tree(p: subprocess.Popen, grace: float = 10.0) -> None:
     """Stop `p`, its process group and every process below it: SIGTERM, `grace` s, SIGKILL (a
     process is killed only while it is the same one: its start time is checked)."""
     family = _descendants(p.pid)
