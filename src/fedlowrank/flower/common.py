@@ -34,9 +34,10 @@ from flwr.app import Array, ArrayRecord
 
 from fedlowrank.config import ConfigError
 
-__all__ = ["STYPE", "FlowerRunOptions", "pack", "unpack", "state_to_bytes", "state_from_bytes"]
+__all__ = ["STYPE", "FINISHED", "FlowerRunOptions", "pack", "unpack", "state_to_bytes", "state_from_bytes"]
 
 STYPE = "fedlowrank.codec/v1"  # an Array holding one encoded payload (fedlowrank.codec)
+FINISHED = "fedlowrank: finished; run directory"  # the ServerApp's last line after a complete run
 
 
 def pack(payloads: list[bytes]) -> ArrayRecord:

@@ -5,11 +5,12 @@ the in-Python `flwr.simulation.run_simulation` is deprecated in flwr 1.41).
 `LocalSuperLink` starts `flower-superlink --simulation` on a free loopback port with its own
 FLWR_HOME in a temporary folder (the user's ~/.flwr is neither read nor written), its SQLite
 database in that folder too (flwr 1.41's in-memory database fails runs at random: "cannot start
-a transaction within a transaction"), and runtime dependency installation off (there is no network; the ServerApp and
-ClientApp are the installed fedlowrank). The SuperLink starts in the background (about 3 s) while the caller goes on; `submit` waits
-for it, then runs one Flower App run on it with `flwr run
-... --stream` and returns when the run has ended; leaving the `with` block stops the SuperLink
-and everything it started (its process group, SIGTERM then SIGKILL).
+a transaction within a transaction"), and runtime dependency installation off (there is no
+network; the ServerApp and ClientApp are the installed fedlowrank). The SuperLink starts in the
+background (about 3 s) while the caller goes on; `submit` waits for it, then runs one Flower App
+run on it with `flwr run ... --stream` and returns when the run has ended. Leaving the `with`
+block stops the SuperLink and every process below it (`stop_process_tree`) and deletes the
+folder.
 
 The Flower App submitted is `write_app`'s: a folder holding only a pyproject.toml that names our
 ServerApp and ClientApp and declares every run config key of `FlowerRunOptions` with its default
@@ -37,7 +38,7 @@ from typing import Any
 
 from fedlowrank.runconfig import dump_toml
 
-__all__ = ["LocalSuperLink", "write_app", "FlowerEngineError", "stop_process_tree"]
+__all__ = ["LocalSuperLink", "write_app", "FlowerEngineError", "stop_process_tree", "process_alive"]
 
 STARTUP_TIMEOUT = 120.0  # seconds for the SuperLink's HTTP API to answer (about 3 s on 2 idle cores)
 
@@ -83,8 +84,7 @@ def write_app(folder: Path) -> Path:
 class LocalSuperLink:
     """`with LocalSuperLink() as link: link.submit(...)`; see the module docstring."""
 
-    def __init__(self, verbose: bool = False) -> None:
-        self.verbose = verbose
+    def __init__(self) -> None:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._proc: subprocess.Popen | None = None
         self.address = ""
@@ -177,12 +177,12 @@ class LocalSuperLink:
             run = subprocess.Popen(command, env=self.env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)  # fmt: skip
             in_log = 0  # lines of the run's log in this stream
-            started = False
+            in_stream = False  # past the CLI's own lines
             try:
                 for line in run.stdout:
                     line = line.rstrip("\n")
-                    if not started:
-                        started = "Starting logstream" in line
+                    if not in_stream:
+                        in_stream = "Starting logstream" in line
                         lines.append(line)
                         continue
                     in_log += 1
@@ -237,6 +237,19 @@ def _stat(pid: int) -> tuple[int, str] | None:
     except (OSError, IndexError):
         return None
     return (int(fields[1]), fields[19]) if fields[0] not in "ZX" else None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not); from /proc, or by signal 0 without it."""
+    if os.path.isdir("/proc"):
+        return _stat(pid) is not None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _descendants(pid: int) -> dict[int, str]:

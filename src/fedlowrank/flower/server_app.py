@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlowrank.config import ConfigError
-from fedlowrank.flower.common import FlowerRunOptions
+from fedlowrank.flower.common import FINISHED, FlowerRunOptions
+from fedlowrank.flower.local_superlink import process_alive
 from fedlowrank.flower.transport import FlowerTransport, NodeDirectory
 from fedlowrank.runconfig import RunConfig, dump_toml, load_run_config
 from fedlowrank.runs.experiment import run_experiment
@@ -31,8 +31,6 @@ from fedlowrank.runs.experiment import run_experiment
 __all__ = ["app", "run_on_grid", "resolve"]
 
 log = logging.getLogger("fedlowrank.flower")
-
-FINISHED = "fedlowrank: finished; run directory"  # the ServerApp's last line after a complete run
 
 
 def resolve(opts: FlowerRunOptions) -> tuple[RunConfig, Path]:
@@ -50,20 +48,6 @@ class DriverGone(RuntimeError):
     """The process named by the `watch-pid` run config key is gone: the run stops."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 class _LogProgress:
     """One log line per round (the `log-level` run config key silences it). With `watch_pid`,
     the run stops (DriverGone) after the first round that ends with that process gone: a
@@ -74,7 +58,7 @@ class _LogProgress:
         self.watch_pid = watch_pid
 
     def _check(self) -> None:
-        if self.watch_pid and not _alive(self.watch_pid):
+        if self.watch_pid and not process_alive(self.watch_pid):
             raise DriverGone(f"process {self.watch_pid}, which started this run, is gone: stopping")
 
     def start(self, algorithm: str, rounds: int, done: int) -> None:

@@ -63,7 +63,7 @@ def simulate(config: str | None, overrides: Sequence[str], out: Path | str, cpus
     own lines (one per round) and errors reach stderr; with `quiet`, errors only."""
     from fedlowrank.flower.local_superlink import LocalSuperLink
     from fedlowrank.flower.reaper import start_reaper
-    from fedlowrank.flower.server_app import FINISHED
+    from fedlowrank.flower.common import FINISHED
     from fedlowrank.runs.rundir import RunDir
 
     out = Path(out).resolve()
