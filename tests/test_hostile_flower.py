@@ -69,9 +69,6 @@ class Grid:
     def pull_messages(self, ids):
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
-    def send_and_receive(self, messages, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
 
 def _cfg(algorithm: str = "fedavg", weighting: str | None = None):
     raw = {"name": "hostile", "algorithms": [algorithm],
@@ -82,11 +79,11 @@ def _cfg(algorithm: str = "fedavg", weighting: str | None = None):
     return parse_run_config(raw)
 
 
-def run(nodes: list[Node], algorithm: str = "fedavg", weighting: str | None = None):
+def run(nodes: list[Node], algorithm: str = "fedavg", weighting: str | None = None, grid_type: type = None):
     from fedlowrank.tasks import make_task
 
     cfg = _cfg(algorithm, weighting)
-    grid = Grid(nodes)
+    grid = (grid_type or Grid)(nodes)
     text = dump_toml(cfg.to_mapping())
     task = make_task(cfg.task_name, cfg.task, cfg.seed)
     sim = Simulation(task, cfg.make_algorithm(algorithm), cfg.sim, seed=cfg.seed,
@@ -223,3 +220,21 @@ def test_a_partition_cannot_be_taken_over_and_a_contested_one_is_refused(caplog)
     records = run([Node(101, 0), Node(102, 1), Node(105, 1), Node(103, 2)])
     assert all([d["client"] for d in r["dropped"]] == [1] for r in records)
     assert "no SuperNode holds partition 1" in records[0]["dropped"][0]["reason"]
+
+
+@pytest.mark.parametrize("refusal", [[None], []], ids=["none-id", "no-ids"])
+def test_a_message_the_superlink_does_not_take_leaves_that_client_out(refusal, caplog):
+    """Flower's push_messages answers None for a malformed message and [] for one too large:
+    that client is left out of the round (its node is asked again later), the run goes on."""
+
+    class Refusing(Grid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages[0].metadata.message_type == "train" and messages[0].metadata.dst_node_id == 102:
+                return list(refusal)
+            return super().push_messages(messages)
+
+    with caplog.at_level(logging.WARNING, logger="fedlowrank"):
+        records = run([Node(101, 0), Node(102, 1), Node(103, 2)], grid_type=Refusing)
+    assert records[0]["accepted"] == 2 and [d["client"] for d in records[0]["dropped"]] == [1]
+    assert "did not take the train message for node 102" in caplog.text

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -36,6 +36,42 @@ if TYPE_CHECKING:
 __all__ = ["FlowerTransport", "NodeDirectory"]
 
 log = logging.getLogger("fedlowrank.sim")
+
+K = TypeVar("K")
+
+
+def exchange(grid: Grid, messages: dict[K, Message], timeout: float) -> dict[K, Message | None]:
+    """Push `messages` and wait up to `timeout` s for their replies: {key: reply, or None when
+    none came, or the SuperLink did not take the message}. A reply counts only if it comes from
+    the node its message went to.
+
+    Polls from 5 ms, backing off to 0.1 s: replies often come within milliseconds, and Flower's
+    own `Grid.send_and_receive` sleeps 3 s between polls."""
+    ids: dict[str, K] = {}
+    dst = {k: m.metadata.dst_node_id for k, m in messages.items()}
+    for key, msg in messages.items():
+        pushed = list(grid.push_messages([msg]))
+        if len(pushed) == 1 and pushed[0]:
+            ids[pushed[0]] = key
+        else:
+            log.warning("the SuperLink did not take the %s message for node %d", msg.metadata.message_type, dst[key])
+    got: dict[K, Message] = {}
+    deadline = time.monotonic() + timeout
+    wait = 0.005
+    while len(got) < len(ids) and time.monotonic() < deadline:
+        for reply in grid.pull_messages([m for m, k in ids.items() if k not in got]):
+            key = ids.get(reply.metadata.reply_to_message_id)
+            if key is None or key in got:
+                continue
+            if reply.metadata.src_node_id != dst[key]:
+                log.warning("a reply to a %s message for node %d came from node %d: ignored",
+                            reply.metadata.message_type, dst[key], reply.metadata.src_node_id)  # fmt: skip
+                continue
+            got[key] = reply
+        if len(got) < len(ids):
+            time.sleep(wait)
+            wait = min(0.1, wait * 1.5)
+    return {k: got.get(k) for k in messages}
 
 
 class NodeDirectory:
@@ -66,9 +102,10 @@ class NodeDirectory:
             self.lost.update(i for i in self.nodes.values() if i not in present)  # gone from the SuperLink
             new = [i for i in present if i not in self.asked]
             if new:
-                msgs = [Message(RecordDict({"config": config}), dst_node_id=i, message_type="query.partition") for i in new]
+                msgs = {i: Message(RecordDict({"config": config}), dst_node_id=i, message_type="query.partition") for i in new}
                 claims: dict[int, list[tuple[int, int]]] = {}
-                for reply in self.grid.send_and_receive(msgs, timeout=max(5.0, deadline - time.monotonic())):
+                replies = exchange(self.grid, msgs, timeout=max(5.0, deadline - time.monotonic()))
+                for reply in (r for r in replies.values() if r is not None):
                     claim = self._claim(reply, set(new))
                     if claim is not None:
                         claims.setdefault(claim[0], []).append((reply.metadata.src_node_id, claim[1]))
@@ -151,29 +188,9 @@ class FlowerTransport:
 
     # --- messages -----------------------------------------------------------------------------
     def _send(self, kind: str, contents: dict[int, RecordDict]) -> dict[int, Message | None]:
-        """One message per client; {client: its reply, None when none came within the timeout}.
-        A reply counts only if it comes from the node the message went to."""
-        ids = {}
-        for client, content in contents.items():
-            [mid] = self.grid.push_messages([Message(content, dst_node_id=self.nodes[client], message_type=kind)])
-            ids[mid] = client
-        got: dict[int, Message] = {}
-        deadline = time.monotonic() + self.round_timeout
-        wait = 0.005  # replies often come within milliseconds; back off to 0.1 s for slow rounds
-        while len(got) < len(ids) and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages([m for m, c in ids.items() if c not in got]):
-                client = ids.get(reply.metadata.reply_to_message_id)
-                if client is None or client in got:
-                    continue
-                if reply.metadata.src_node_id != self.nodes.get(client):
-                    log.warning("a reply to client %d's %s message came from node %d, not node %s: ignored",
-                                client, kind, reply.metadata.src_node_id, self.nodes.get(client))  # fmt: skip
-                    continue
-                got[client] = reply
-            if len(got) < len(ids):
-                time.sleep(wait)
-                wait = min(0.1, wait * 1.5)
-        return {c: got.get(c) for c in contents}
+        """One message per client; {client: its reply, None when none came within the timeout}."""
+        return exchange(self.grid, {c: Message(content, dst_node_id=self.nodes[c], message_type=kind)
+                                    for c, content in contents.items()}, self.round_timeout)  # fmt: skip
 
     def _who(self, client: int) -> str:
         return f"node {self.nodes.get(client)} (partition {client})"
