@@ -28,11 +28,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/fedlowrank run
 
+# Two pytest-xdist workers, handed one test at a time, the slow ones first (tests/conftest.py):
+# the slow tests spend much of their time waiting on Flower, Ray and SuperNode processes.
+XDIST := -n 2 --dist load --maxschedchunk 1
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/server_step.py

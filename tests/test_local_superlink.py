@@ -124,3 +124,42 @@ def test_a_server_app_that_fails_on_the_real_superlink_is_an_error_and_leaves_no
     assert not [p for p in started if alive(p)], "processes of the SuperLink outlived it"
     assert not home.exists()  # its FLWR_HOME was a temporary folder
     assert not (tmp_path / "run").exists()
+
+
+SPAWNER = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignores the polite stop, like a busy Ray worker
+log = open(sys.argv[1], "a")
+if os.fork() == 0:  # a child in a session of its own, which keeps starting sessions of their own
+    os.setsid()
+    while True:
+        c = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        log.write(f"{c.pid}\\n"); log.flush()
+        time.sleep(0.01)
+time.sleep(60)
+"""
+
+
+def test_stop_process_tree_leaves_nothing_running_even_what_was_started_while_it_stopped(tmp_path):
+    """A tree that ignores SIGTERM and keeps starting processes in new sessions (which neither
+    the process group nor a walk taken before the stop would see): every process it ever
+    started is gone when stop_process_tree returns."""
+    import subprocess
+    import time
+
+    from test_flower_deployment import alive
+
+    from fedlowrank.flower.local_superlink import stop_process_tree
+
+    pids = tmp_path / "pids"
+    p = subprocess.Popen([sys.executable, "-c", SPAWNER, str(pids)], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pids.exists() or len(pids.read_text().split()) < 5:
+        assert time.monotonic() < deadline, "the spawner did not start"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    stop_process_tree(p, grace=0.3)
+    assert time.monotonic() - t0 < 10
+    started = [int(x) for x in pids.read_text().split()]
+    assert len(started) >= 5 and p.poll() is not None
+    assert not [pid for pid in started if alive(pid)], "a process it started is still running"

@@ -252,16 +252,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """{pid: start time} of every process below `pid` (Linux /proc; empty elsewhere). Flower's
-    SuperExec starts its own session, so a process group does not hold all of a SuperLink's
-    processes."""
+def _descendants(*roots: int) -> dict[int, str]:
+    """{pid: start time} of every process below the `roots` (Linux /proc; empty elsewhere).
+    Flower's SuperExec starts its own session, so a process group does not hold all of a
+    SuperLink's processes."""
     stats = {}
     for d in Path("/proc").iterdir() if os.path.isdir("/proc") else ():
         if d.name.isdigit() and (st := _stat(int(d.name))) is not None:
             stats[int(d.name)] = st
     found: dict[int, str] = {}
-    todo = [pid]
+    todo = list(roots)
     while todo:
         parent = todo.pop()
         for c, (pp, start) in stats.items():
@@ -272,27 +272,49 @@ def _descendants(pid: int) -> dict[int, str]:
 
 
 def stop_process_tree(p: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop `p`, its process group and every process below it: SIGTERM, `grace` s, SIGKILL (a
-    process is killed only while it is the same one: its start time is checked)."""
-    family = _descendants(p.pid)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
+    """Stop `p`, its process group and every process below it: SIGTERM to the group, `grace` s,
+    then SIGKILL to whatever is left. Returns once none of them runs (at most about 5 s after the
+    SIGKILL), so a caller that checks finds none.
+
+    Before the SIGKILL every process left is frozen (SIGSTOP) and the tree is walked again below
+    each, until a walk finds nothing new: a frozen process cannot start another one, so none
+    started late (Ray and Flower start theirs in sessions of their own) escapes. A process is
+    signalled only while it is the same one (its start time is checked)."""
+    own = _stat(p.pid)
+    family = {**({p.pid: own[1]} if own else {}), **_descendants(p.pid)}  # listed first: p's orphans belong to init
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+
+    def live() -> list[int]:
+        return [pid for pid, start in family.items() if (st := _stat(pid)) is not None and st[1] == start]
+
+    while True:
+        left = live()
+        for pid in left:
+            _signal(pid, signal.SIGSTOP)
+        late = {pid: start for pid, start in _descendants(*left).items() if pid not in family}
+        if not late:
             break
-        try:
-            p.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # whatever else it left in its group
+        family.update(late)
+    for pid in left:
+        _signal(pid, signal.SIGKILL)
+    try:  # whatever else is left in its group
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    for pid, start in family.items():
-        st = _stat(pid)
-        if st is not None and st[1] == start:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if p.poll() is None or live():  # p reaped here, the others by whoever is their parent now
+            time.sleep(0.02)
+            continue
+        return
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
