@@ -24,6 +24,11 @@ perplexity against cumulative MB sent and against rounds, Table 3's methods).
     .venv/bin/python benchmarks/lm_domains_tables.py                 # ~2 h on 2 cores, 21 runs
     .venv/bin/python benchmarks/lm_domains_tables.py --tables-only   # from existing runs
     .venv/bin/python benchmarks/lm_domains_tables.py --replot        # redraw the plot from the JSON
+    .venv/bin/python benchmarks/lm_domains_tables.py --table3-curves # rerun Table 3's 8 methods only (~40 min)
+
+`--table3-curves` reruns only Table 3's methods (same preset, seed and settings) into their own run
+directory, checks each run's best in-domain perplexity and MB up against the saved tables, and
+stores their per-round curves in the JSON (the tables themselves are left as they are).
 
 The JSON keeps each Table 3 run's per-round bytes and in-domain perplexity (`curves`), so the
 plot can be redrawn without the run directories.
@@ -232,6 +237,35 @@ def tables(root: Path, base: dict[str, float] | None) -> tuple[dict[str, Any], s
     return data, "\n".join(lines)
 
 
+def curves_of(run: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per-round bytes and in-domain perplexity of Table 3's methods in one finished run directory."""
+    return {a: [{"round": r["round"], "upload_bytes": r["upload_bytes"], "download_bytes": r["download_bytes"],
+                 **({"eval": {"in_domain_ppl": r["eval"]["in_domain_ppl"]}} if "in_domain_ppl" in r.get("eval", {}) else {})}
+                for r in finished_metrics(RunDir(run / a))] for a in TABLE3}  # fmt: skip
+
+
+def table3_curves(root: Path, out: Path) -> None:
+    """Rerun Table 3's methods only; check them against the saved tables; save their curves and replot."""
+    path = out / "lm_domains_tables.json"
+    saved = json.loads(path.read_text())
+    cfg, _ = load_run_config(PRESET, [f"algorithms={json.dumps(TABLE3)}", "name=lm-domains-table3"])
+    d = root / "lm-domains-table3"
+    run_experiment(cfg, d, resume=(d / "config.toml").exists())
+    print(f"{'method':<18} {'best ppl (tables)':>18} {'best ppl (rerun)':>17} {'MB up (tables)':>15} {'MB up (rerun)':>14}")
+    checks = {}
+    for a in TABLE3:
+        new, old = ledger_row(RunDir(d / a)), saved["runs"][a]
+        checks[a] = {"best_in_domain_ppl": new["best_in_domain_ppl"], "mb_up": new["mb_up"],
+                     "tables_best_in_domain_ppl": old["best_in_domain_ppl"], "tables_mb_up": old["mb_up"]}  # fmt: skip
+        print(f"{a:<18} {old['best_in_domain_ppl']:>18.3f} {new['best_in_domain_ppl']:>17.3f} "
+              f"{old['mb_up']:>15.3f} {new['mb_up']:>14.3f}")  # fmt: skip
+    saved["curves"] = curves_of(d)
+    saved["curves_source"] = {"run": "--table3-curves", "check_against_tables": checks}
+    path.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+    plot_curves(list(saved["curves"].items()), out / "lm_domains_curves.png", metric="in_domain_ppl", title=_title())
+    print(f"wrote {path} and {out / 'lm_domains_curves.png'}")
+
+
 def _title() -> str:
     cfg, _ = load_run_config(PRESET)
     return curves_title(cfg.task_name, [cfg.seed], cfg.sim.rounds, "Table 3 methods")
@@ -244,6 +278,8 @@ def main() -> None:
     ap.add_argument("--no-base", action="store_true", help="skip the base-model evaluation row")
     ap.add_argument("--results", default="benchmarks/results", help="where the JSON and markdown go")
     ap.add_argument("--replot", action="store_true", help="only redraw lm_domains_curves.png from the saved JSON")
+    ap.add_argument("--table3-curves", action="store_true",
+                    help="rerun only Table 3's methods, check them against the saved tables, save their curves")  # fmt: skip
     args = ap.parse_args()
     root = Path(args.root)
     out = Path(args.results)
@@ -256,14 +292,15 @@ def main() -> None:
                     title=_title())  # fmt: skip
         print(f"wrote {out / 'lm_domains_curves.png'}")
         return
+    if args.table3_curves:
+        table3_curves(root, out)
+        return
     t0 = time.perf_counter()
     if not args.tables_only:
         run_all(root)
     base = None if args.no_base else base_model_eval()
     data, md = tables(root, base)
-    curves = {a: [{"round": r["round"], "upload_bytes": r["upload_bytes"], "download_bytes": r["download_bytes"],
-                   **({"eval": {"in_domain_ppl": r["eval"]["in_domain_ppl"]}} if "in_domain_ppl" in r.get("eval", {}) else {})}
-                  for r in RunDir(root / "lm-domains-tables" / a).read_metrics()] for a in TABLE3}  # fmt: skip
+    curves = curves_of(root / "lm-domains-tables")
     data["curves"] = curves
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_domains_tables.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
