@@ -236,12 +236,12 @@ def markdown(rows: list[dict], goals: list[dict]) -> str:
                     f"best within the budget {'-' if sm is None else f'{100 * sm:.2f} %'}."
                 )
         lines.append("")
-    lines += ["![accuracy against cumulative GB](fedpara_curves.png)", ""]
+    lines += ["![accuracy against cumulative GB and rounds](fedpara_curves.png)", ""]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against cumulative GB per task, in the shared style (`fedlowrank.runs.report`):
+    """Accuracy against cumulative GB (top) and rounds (bottom) per task, in the shared style (`fedlowrank.runs.report`):
     one colour / line style / marker per variant, titled, the legend below the axes."""
     import matplotlib
 
@@ -252,24 +252,32 @@ def plot(rows: list[dict], path: Path) -> None:
     from fedlowrank.runs.report import algorithm_style
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.8 * len(tasks), 4.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.8 * len(tasks), 8.6), squeeze=False)
+    for col, task in enumerate(tasks):
         runs = [r for r in rows if r["task"] == task]
+        ax, by_round = axes[0][col], axes[1][col]
         for r in runs:
             gb = [p["cum_gb"] for p in r["curve"]]
             acc = [100 * p["accuracy"] for p in r["curve"]]
+            style = algorithm_style(r["label"])
             ax.plot(gb, acc, markersize=3.5, linewidth=1.4, label=f"{r['label']} ({r['parameters'] / 1e3:.0f}k params)",
-                    **algorithm_style(r["label"]))  # fmt: skip
+                    **style)  # fmt: skip
+            by_round.plot([p["round"] for p in r["curve"]], acc, markersize=3.5, linewidth=1.4, **style)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("cumulative GB sent (up + down), log scale")
-        ax.set_ylabel("test accuracy %")
-        ax.set_title(f"{task}, seed 0, {max(r['rounds'] for r in runs)} rounds", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    fig.suptitle("FedAvg with FedPara, low-rank and plain layers: accuracy against bytes", fontsize=11)
+        title = f"{task}, seed 0, {max(r['rounds'] for r in runs)} rounds"
+        ax.set_title(f"{title}: accuracy against bytes", fontsize=10)
+        by_round.set_xlabel("round")
+        by_round.set_title(f"{title}: accuracy against rounds", fontsize=10)
+        for a in (ax, by_round):
+            a.set_ylabel("test accuracy %")
+            a.grid(alpha=0.3, which="both")
+        by_round.legend(*ax.get_legend_handles_labels(), fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                        ncol=2, frameon=False)  # fmt: skip
+    fig.suptitle("FedAvg with FedPara, low-rank and plain layers: accuracy against bytes and rounds", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
