@@ -28,7 +28,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/fedlowrank run
 
-# Two pytest-xdist workers, handed one test at a time, the slow ones first (tests/conftest.py):
+# Two pytest-xdist workers, handed a test or two at a time, the slow ones first (tests/conftest.py):
 # the slow tests spend much of their time waiting on Flower, Ray and SuperNode processes.
 XDIST := -n 2 --dist load --maxschedchunk 1
 

@@ -79,7 +79,7 @@ def _cfg(algorithm: str = "fedavg", weighting: str | None = None):
     return parse_run_config(raw)
 
 
-def run(nodes: list[Node], algorithm: str = "fedavg", weighting: str | None = None, grid_type: type = None):
+def run(nodes: list[Node], algorithm: str = "fedavg", weighting: str | None = None, grid_type: type | None = None):
     from fedlowrank.tasks import make_task
 
     cfg = _cfg(algorithm, weighting)

@@ -306,11 +306,8 @@ def stop_process_tree(p: subprocess.Popen, grace: float = 10.0) -> None:
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        if p.poll() is None or live():  # p reaped here, the others by whoever is their parent now
-            time.sleep(0.02)
-            continue
-        return
+    while (p.poll() is None or live()) and time.monotonic() < deadline:  # p reaped here, the others by their parents
+        time.sleep(0.02)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -106,7 +106,7 @@ class NodeDirectory:
                 claims: dict[int, list[tuple[int, int]]] = {}
                 replies = exchange(self.grid, msgs, timeout=max(5.0, deadline - time.monotonic()))
                 for reply in (r for r in replies.values() if r is not None):
-                    claim = self._claim(reply, set(new))
+                    claim = self._claim(reply)
                     if claim is not None:
                         claims.setdefault(claim[0], []).append((reply.metadata.src_node_id, claim[1]))
                 for p, nodes in claims.items():
@@ -128,12 +128,10 @@ class NodeDirectory:
             log.warning("no SuperNode holds partition(s) %s: those clients will be left out when sampled", missing)
         return joined
 
-    def _claim(self, reply: Message, asked: set[int]) -> tuple[int, int] | None:
-        """(partition, round held) that a `query.partition` reply claims, or None (logged)."""
+    def _claim(self, reply: Message) -> tuple[int, int] | None:
+        """(partition, round held) that a `query.partition` reply claims, or None (logged). The
+        reply comes from the node that was asked (`exchange` takes no other)."""
         node = reply.metadata.src_node_id
-        if node not in asked:
-            log.warning("a partition reply came from node %d, which was not asked: ignored", node)
-            return None
         self.asked.add(node)
         if reply.has_error():
             log.warning("node %d did not say its partition: %s", node, str(reply.error.reason)[:MAX_TEXT])
