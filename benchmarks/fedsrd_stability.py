@@ -239,10 +239,29 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _saved_tables() -> dict[tuple[str, int | None], dict[str, Any]]:
+    """The tables of the last write, by (task, rounds): kept for tasks with no runs on disk."""
+    path = RESULTS / "fedsrd_stability.json"
+    if not path.exists():
+        return {}
+    return {(t["task"], t["rounds"]): t for t in json.loads(path.read_text())["tables"]}
+
+
 def write_results(tasks: list[str]) -> None:
-    tables = [task_table(t, TASKS[t]["seeds"], methods_of(t)) for t in TASKS]
-    tables.append(task_table(LONG["task"], LONG["seeds"], LONG["methods"], LONG["rounds"]))
-    tables = [t for t in tables if t["rows"]]
+    """Rebuild each task's table from its runs on disk; a task with none keeps its saved table.
+
+    Run directories are git-ignored, so a fresh checkout has only the saved tables: running one
+    task must not drop the others'.
+    """
+    saved = _saved_tables()
+    built = [task_table(t, TASKS[t]["seeds"], methods_of(t)) for t in TASKS]
+    built.append(task_table(LONG["task"], LONG["seeds"], LONG["methods"], LONG["rounds"]))
+    tables = []
+    for t in built:
+        if t["rows"]:
+            tables.append(t)
+        elif (t["task"], t["rounds"]) in saved:
+            tables.append(saved[(t["task"], t["rounds"])])
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
            "load_average": os.getloadavg(), "written": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
