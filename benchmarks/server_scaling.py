@@ -8,6 +8,10 @@ defaults produce. Two scopes:
 * `gate`: one 8192 x 3072 module, m = 4 ... 256 distinct clients: time of every method, error of
   the exact (float32) and sketched targets against a float64 dense SVD_r reference, and the
   flat-spectrum residual check (sketch residual / optimal rank-r residual);
+
+The step is an even round's (dA = pinv(B) T). "sketch" streams only the side of the target that
+solve reads (`sketch_sides = "solve"`, the default), "sketch-both" both sides (the whole target
+to first order); their accuracy is compared on what is broadcast, the solved factor.
 * `model`: all 196 modules; 16 distinct uploads cycled to m clients (the cost of a step does not
   depend on what the clients sent). Sketch for every m, exact where it fits in memory (m <= 16:
   today's exact step holds every decoded upload), dense not run (196 dense SVDs: about 15 min).
@@ -113,10 +117,11 @@ def cell(scope: str, method: str, m: int, spread: float) -> dict:
             decode_payload(b, shapes)
         out = {}
     else:
-        opts = {"method": method, "server_dtype": "float32"}
+        sides = {"sketch": {"sketch_sides": "solve"}, "sketch-both": {"sketch_sides": "both"}}.get(method, {})
+        opts = {"method": "sketch" if sides else method, "server_dtype": "float32", **sides}
         alg = make_algorithm("fedsrd", opts)
         bc, _ = aggregate(alg.aggregator(glob, [1] * m, RoundInfo(2, 0), {}), (decode_payload(b, shapes) for b in order))
-        out = {k: v for k, v in bc.stats.items() if k in ("sketched", "sketch_error_max")}
+        out = {k: v for k, v in bc.stats.items() if k in ("sketched", "sketch_error_max", "sketch_one_side")}
     seconds = time.perf_counter() - t0
     grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     return {"seconds": seconds, "peak_rss_mb": grew, "encoded_mb": encoded_mb, **out}
@@ -124,7 +129,8 @@ def cell(scope: str, method: str, m: int, spread: float) -> dict:
 
 def errors(m: int, spread: float) -> dict:
     """Gate module: exact (float32) and sketched targets against a float64 dense SVD_r reference,
-    and the residual ratio ||W - approx_r|| / ||W - SVD_r(W)||."""
+    the residual ratio ||W - approx_r|| / ||W - SVD_r(W)||, and the even round's solved factor
+    dA = pinv(B) T of each (the two-sided and the one-sided sketch) against the reference's."""
     from fedlowrank.algorithms.fedsrd import target
     from fedlowrank.codec import decode_payload
     from fedlowrank.lora import truncated_svd_of_sum
@@ -145,17 +151,32 @@ def errors(m: int, spread: float) -> dict:
     opt_res = float((W - best).norm())
     L, R = target(B, A, [B + x for x in dBs], [A + x for x in dAs], w, efficient=False)
     T_exact = (L @ R).double()
-    sk = ProductSketch(B, A, seed=1)
-    for dB, dA, wi in zip(dBs, dAs, w):
-        sk.add(dB, dA, wi)
-    Lw, Rw = sk.factors()
-    left, right = truncated_svd_of_sum([Lw], [Rw], [1.0], RANK)
-    approx = (left @ right).double()
+    results = {}
+    for sides in ("both", "left"):
+        sk = ProductSketch(B, A, seed=1, sides=sides)
+        for dB, dA, wi in zip(dBs, dAs, w):
+            sk.add(dB, dA, wi)
+        Lw, Rw = sk.factors()
+        left, right = truncated_svd_of_sum([Lw], [Rw], [1.0], RANK)
+        results[sides] = (left @ right).double(), sk.first_order_error(left, right)
+    approx = results["both"][0]
+    pinvB = torch.linalg.pinv(B.double())
+    dA_ref = pinvB @ T_ref
+
+    def solve_error(T):
+        return float((pinvB @ T - dA_ref).norm() / dA_ref.norm())
+
+    BA = B.double() @ A.double()
     tn = float(T_ref.norm())
     return {
+        "exact_fp32_solve_error": solve_error(T_exact),
+        "sketch_solve_error": solve_error(approx - BA),
+        "one_side_solve_error": solve_error(results["left"][0] - BA),
+        "one_side_error_estimate": results["left"][1],
+        "one_side_error": float((results["left"][0] - BA - T_ref).norm()) / tn,
         "exact_fp32_error": float((T_exact - T_ref).norm()) / tn,
         "sketch_error": float((approx - B.double() @ A.double() - T_ref).norm()) / tn,
-        "sketch_error_estimate": sk.first_order_error(left, right),
+        "sketch_error_estimate": results["both"][1],
         "sketch_residual_ratio": float((W - approx).norm()) / opt_res,
         "exact_residual_ratio": float((W - (T_exact + B.double() @ A.double())).norm()) / opt_res,
     }
@@ -211,7 +232,7 @@ def main() -> None:
     for m in ms:
         row = {"m": m}
         # dense: the paper's reference builds every client's d_out x d_in product (100 MB each): 13 GB at m = 128
-        for method in ("decode", "factored", "sketch") + (("dense",) if m <= DENSE_MAX else ()):
+        for method in ("decode", "factored", "sketch", "sketch-both") + (("dense",) if m <= DENSE_MAX else ()):
             row[method] = get("gate", f"gate/{method}/{m}", ["gate", method, str(m), "0.1"], 1800)
         row["errors"] = get("gate", f"gate/errors/{m}", ["errors", str(m), "0.1"], 1800)
         row["flat"] = get("gate", f"gate/flat/{m}", ["errors", str(m), "1.0"], 1800)
@@ -219,7 +240,7 @@ def main() -> None:
     print("whole model (196 modules, r = 64)", flush=True)
     for m in ms:
         row = {"m": m}
-        for method in ("decode", "sketch") + (("factored",) if m <= 16 else ()):
+        for method in ("decode", "sketch", "sketch-both") + (("factored",) if m <= 16 else ()):
             row[method] = get("model", f"model/{method}/{m}", ["model", method, str(m), "0.1"], 3600)
         model_rows.append(row)
     gate_density = density("gate", make_uploads("gate", 1, 0.1))
@@ -238,26 +259,37 @@ def main() -> None:
              f"FedSRD's default uploads keep {100 * gate_density:.1f}% (gate) / {100 * model_density:.1f}% (model) of the entries. "
              f"Global state of the whole model: {meta['state_mb_model']:.0f} MB.", "",
              "## One gate module (8192 x 3072, r = 64)", "",
-             "| m | decode s | exact factored s | sketch s | dense s | exact peak MB | sketch peak MB | exact fp32 err | sketch err | estimate | flat: sketch / optimal residual |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| m | decode s | exact factored s | sketch (one side) s | sketch (both sides) s | dense s | exact peak MB | sketch peak MB | "
+             "target err: exact fp32 | both | both estimate | one side | solved dA err: exact fp32 | both | one side | one-side estimate | "
+             "flat: both / optimal residual |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in gate_rows:
         e, f = r["errors"], r["flat"]
-        lines.append(f"| {r['m']} | {sec(r['decode'])} | {sec(r['factored'])} | {sec(r['sketch'])} | {sec(r['dense']) if 'dense' in r else 'does not fit'} | "
+        lines.append(f"| {r['m']} | {sec(r['decode'])} | {sec(r['factored'])} | {sec(r['sketch'])} | {sec(r['sketch-both'])} | "
+                     f"{sec(r['dense']) if 'dense' in r else 'does not fit'} | "
                      f"{fmt(r['factored'].get('peak_rss_mb'), 0)} | {fmt(r['sketch'].get('peak_rss_mb'), 0)} | "
                      f"{fmt(e.get('exact_fp32_error'))} | {fmt(e.get('sketch_error'))} | {fmt(e.get('sketch_error_estimate'))} | "
+                     f"{fmt(e.get('one_side_error'))} | {fmt(e.get('exact_fp32_solve_error'))} | {fmt(e.get('sketch_solve_error'))} | "
+                     f"{fmt(e.get('one_side_solve_error'))} | {fmt(e.get('one_side_error_estimate'))} | "
                      f"{fmt(f.get('sketch_residual_ratio'), 4)} |")  # fmt: skip
     lines += ["", "## The whole 3B-shaped LoRA set (196 modules, r = 64)", "",
-              "| m | encoded uploads MB | decode s | sketch s | sketch / decode | sketch peak MB | exact factored s | exact peak MB |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "| m | encoded uploads MB | decode s | sketch (one side) s | one side / decode | sketch peak MB | "
+              "sketch (both sides) s | both / decode | exact factored s | exact peak MB |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+
+    def ratio(a, b):
+        return a["seconds"] / b["seconds"] if "seconds" in a and "seconds" in b else None
+
     for r in model_rows:
-        d, s, x = r["decode"], r["sketch"], r.get("factored", {})
-        ratio = s["seconds"] / d["seconds"] if "seconds" in s and "seconds" in d else None
-        lines.append(f"| {r['m']} | {fmt(d.get('encoded_mb'), 0)} | {sec(d)} | {sec(s)} | {fmt(ratio)} | "
-                     f"{fmt(s.get('peak_rss_mb'), 0)} | {sec(x) if x else 'not run'} | {fmt(x.get('peak_rss_mb'), 0) if x else '-'} |")  # fmt: skip
+        d, s, both, x = r["decode"], r["sketch"], r["sketch-both"], r.get("factored", {})
+        lines.append(f"| {r['m']} | {fmt(d.get('encoded_mb'), 0)} | {sec(d)} | {sec(s)} | {fmt(ratio(s, d))} | "
+                     f"{fmt(s.get('peak_rss_mb'), 0)} | {sec(both)} | {fmt(ratio(both, d))} | "
+                     f"{sec(x) if x else 'not run'} | {fmt(x.get('peak_rss_mb'), 0) if x else '-'} |")  # fmt: skip
     lines += ["", "Peak MB: the step's resident high-water mark above the process's before it (global state and encoded "
-              "uploads already loaded). Errors: relative Frobenius error of the target SVD_r(W) - B A against a float64 "
-              "dense reference; estimate: the sketch's own probe estimate (what metrics.jsonl records as "
-              "`sketch_error_max`). Flat: client deltas as large as the factors (spread 1.0)."]  # fmt: skip
+              "uploads already loaded). Target errors: relative Frobenius error of SVD_r(W) - B A against a float64 "
+              "dense reference; solved dA errors: of this even round's pinv(B) T, what is broadcast; estimates: the "
+              "sketch's own probe estimate (what metrics.jsonl records as `sketch_error_max`; one-sided, of the side "
+              "its solve reads). Flat: client deltas as large as the factors (spread 1.0)."]  # fmt: skip
     (RESULTS / "server_scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

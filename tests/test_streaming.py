@@ -105,6 +105,57 @@ def test_sketch_is_deterministic_and_its_error_estimate_tracks_the_truth():
     assert true_err / 3 < est < true_err * 3, (true_err, est)
 
 
+def _solved(B, A, T):
+    """The Eq. 12-13 solves of a dense target: (T pinv(A), pinv(B) T)."""
+    return T @ torch.linalg.pinv(A), torch.linalg.pinv(B) @ T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_one_sided_sketch_solves_as_well_as_the_two_sided_one(seed):
+    """sides = "right" (E V only) gives the odd solve T pinv(A) to the two-sided sketch's
+    accuracy, "left" (U^T E only) the even solve pinv(B) T, though each gets the whole target
+    less well; the one-sided error estimate tracks the solved factor's true error."""
+    B, A, dBs, dAs = module(300, 200, 8, 20, seed, spread=0.3)
+    w = [1.0 / 20] * 20
+    L, R = target(B, A, [B + x for x in dBs], [A + x for x in dAs], w, efficient=False)
+    T = L @ R
+    exact_dB, exact_dA = _solved(B, A, T)
+    got = {}
+    for sides in ("both", "right", "left"):
+        sk = ProductSketch(B, A, seed=5, sides=sides)
+        for dB, dA, wi in zip(dBs, dAs, w):
+            sk.add(dB, dA, wi)
+        left, right = truncated_svd_of_sum(*[[x] for x in sk.factors()], [1.0], 8)
+        Ts = left @ right - B @ A
+        dB_s, dA_s = _solved(B, A, Ts)
+        got[sides] = (rel(Ts, T), rel(dB_s, exact_dB), rel(dA_s, exact_dA), sk.first_order_error(left, right))
+    t_both, dB_both, dA_both, _ = got["both"]
+    assert dB_both < 2e-2 and dA_both < 2e-2
+    t_right, dB_right, _, est_right = got["right"]
+    t_left, _, dA_left, est_left = got["left"]
+    assert dB_right < 1.5 * dB_both and dA_left < 1.5 * dA_both, got
+    assert t_right > 3 * t_both and t_left > 3 * t_both, got  # the other side is first-order wrong
+    assert dB_right / 3 < est_right < 3 * dB_right, got
+    assert dA_left / 3 < est_left < 3 * dA_left, got
+
+
+def test_sketch_sides_is_checked_and_auto_streams_both_sides_for_download_feedback():
+    with pytest.raises(ValueError, match="sketch_sides"):
+        make_algorithm("fedsrd", {"sketch_sides": "solve", "download_feedback": True, "download_rescale": False})
+    with pytest.raises(ValueError, match="sketch_width"):
+        make_algorithm("fedsrd", {"sketch_sides": "solve", "sketch_width": 4})
+    with pytest.raises(ValueError, match="sketch_sides"):
+        make_algorithm("fedsrd", {"sketch_sides": "left"})
+    with pytest.raises(ValueError, match="sides"):
+        ProductSketch(torch.zeros(4, 2), torch.zeros(2, 3), seed=0, sides="solve")
+    glob = lora_state(1, 20, 10, 4, 0, head=False)
+    ups = uploads_for(glob, 3, 0)
+    for options, one_side in (({}, 1.0), ({"download_feedback": True, "download_rescale": False}, 0.0)):
+        alg = make_algorithm("fedsrd", {"method": "sketch", **options})
+        got = alg.server_step(glob, ups, [1, 1, 1], RoundInfo(1, 0), {})[0]
+        assert got.stats["sketch_one_side"] == one_side, options
+
+
 def lora_state(modules, d_out, d_in, r, seed, head=True):
     g = torch.Generator().manual_seed(seed)
     s = {}
@@ -135,11 +186,14 @@ def test_sketched_fedsrd_step_matches_the_exact_one(efficient, round_):
     info = RoundInfo(round_, seed=7)
     base = {"efficient": efficient, "server_dtype": "float64", "weighting": "samples"}
     exact = make_algorithm("fedsrd", {**base, "method": "factored"}).server_step(glob, ups, counts, info, {})[0]
-    # width covering the rank: equal to the exact step; width 0: FedSRD-e's solve is exact anyway
-    for width, tol in ((15, 1e-8), (0, 1e-8 if efficient else 2e-2)):
-        alg = make_algorithm("fedsrd", {**base, "method": "sketch", "sketch_width": width})
+    # width covering the rank: equal to the exact step; width 0: FedSRD-e's solve is exact anyway,
+    # with both sides streamed or only the one its solve reads
+    for width, sides, tol in ((15, "auto", 1e-8), (0, "both", 1e-8 if efficient else 2e-2),
+                              (0, "solve", 1e-8 if efficient else 2e-2)):  # fmt: skip
+        alg = make_algorithm("fedsrd", {**base, "method": "sketch", "sketch_width": width, "sketch_sides": sides})
         got = alg.server_step(glob, ups, counts, info, {})[0]
         assert got.stats["sketched"] == 1.0
+        assert got.stats["sketch_one_side"] == (1.0 if sides == "solve" else 0.0)
         assert set(got.tensors) == set(exact.tensors)
         for k in exact.tensors:
             if exact.tensors[k].norm() > 0:

@@ -30,6 +30,16 @@ G = U^T E - U^T E V V^T, whose rank-r SVD is taken in factor space. FedSRD-e's s
 (odd rounds: T pinv(A), and pinv(A) has A^T's span) or U^T E (even rounds: pinv(B) T), so there
 the approximation is exact whenever B and A have full rank.
 
+* One side (`sides = "right"` or `"left"`): an Eq. 12-13 solve reads only one side of its
+  target. The odd round's dB = T pinv(A) sees T V (pinv(A) = V ...), the even round's
+  dA = pinv(B) T sees U^T T. To first order, with D what the approximation misses and P, S the
+  result's column and row spaces, SVD_r moves by P D + D S S^T - P D S S^T; with `sides =
+  "right"` (E ~ E V V^T, so D V = 0) that moves T V by (I - P) D S S^T V only, and S lies close
+  to V's span, so D S is itself small: the odd solve keeps first-order accuracy from E V alone,
+  at half the products per upload (the even solve from U^T E alone, by symmetry). What the other
+  side of T gets is then wrong at first order, so the target as a whole (and anything that reads
+  it whole: download error feedback, FlexLoRA's product) needs `sides = "both"`. FedSRD-e's
+  solves are exact from one side whenever B and A have full rank.
 * Streaming: each upload is folded in and let go; memory is two adapter-sized means, E V and
   U^T E (another adapter's worth), plus the optional sketches. Cost per upload
   O((d_out + d_in) r (2 r + 2 width + probes)).
@@ -45,7 +55,9 @@ import torch
 
 from fedlowrank.lora import product_norm2
 
-__all__ = ["ProductSketch"]
+__all__ = ["ProductSketch", "SIDES"]
+
+SIDES = ("both", "right", "left")
 
 
 def _thin_svd(M: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,14 +77,22 @@ class ProductSketch:
 
     B (d_out x r), A (r x d_in): the global factors. `add(dB_i, dA_i, p_i)` folds one client in;
     `factors()` returns (L, R) with W ~ L @ R. `width`: columns of the remainder sketch (0: none);
-    `probes`: columns of the error estimate; `seed`: where the random matrices come from.
+    `probes`: columns of the error estimate; `seed`: where the random matrices come from;
+    `sides`: "both" (the cross approximation), "right" (E V only: enough for an odd-round solve
+    T pinv(A)) or "left" (U^T E only: an even-round solve pinv(B) T), see the module docstring.
     """
 
-    def __init__(self, B: torch.Tensor, A: torch.Tensor, seed: int, width: int = 0, probes: int = 4) -> None:
+    def __init__(self, B: torch.Tensor, A: torch.Tensor, seed: int, width: int = 0, probes: int = 4,
+                 sides: str = "both") -> None:  # fmt: skip
         if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(f"ProductSketch: B {tuple(B.shape)} and A {tuple(A.shape)} are not (d_out x r), (r x d_in)")
         if width < 0 or probes < 0:
             raise ValueError(f"ProductSketch: width and probes must be >= 0, got {width}, {probes}")
+        if sides not in SIDES:
+            raise ValueError(f"ProductSketch: sides must be one of {SIDES}, got {sides!r}")
+        if sides != "both" and width:
+            raise ValueError(f"ProductSketch: a remainder sketch (width {width}) needs sides = 'both', got {sides!r}")
+        self.sides = sides
         d_out, d_in = B.shape[0], A.shape[1]
         self.B, self.A = B, A
         # B ~ U diag(sB) WB^T and A^T ~ V diag(sA) WA^T: bases and, for free, pinv(B) U = WB / sB
@@ -95,9 +115,12 @@ class ProductSketch:
         psi = gauss(l, d_out)
         self.psi = psi - (psi @ self.U) @ self.U.mT
         self.probe_right, self.probe_left = gauss(d_in, probes), gauss(probes, d_out)
-        # the right-hand test matrices side by side: dA_i is multiplied by all of them at once
-        self._right = torch.cat([self.V, self.omega, self.probe_right], dim=1)
-        self._left = torch.cat([self.U.mT, self.psi, self.probe_left], dim=0)
+        # the test matrices of each side together: dA_i is multiplied by all right ones at once.
+        # A one-sided sketch drops the other side's basis (most of the products), not its probes.
+        self._v = self.V.shape[1] if sides != "left" else 0
+        self._u = self.U.shape[1] if sides != "right" else 0
+        self._right = torch.cat([self.V[:, : self._v], self.omega, self.probe_right], dim=1)
+        self._left = torch.cat([self.U.mT[: self._u], self.psi, self.probe_left], dim=0)
         self.dB, self.dA = torch.zeros_like(B), torch.zeros_like(A)
         self._ER = B.new_zeros(d_out, self._right.shape[1])  # E [V, Omega, probes]
         self._LE = B.new_zeros(self._left.shape[0], d_in)  # [U^T; Psi; probes] E
@@ -116,17 +139,20 @@ class ProductSketch:
         self._done.clear()
 
     def _parts(self):
-        v, k = self.V.shape[1], self.width
-        u, l = self.U.shape[1], self.psi.shape[0]
+        v, k = self._v, self.width
+        u, l = self._u, self.psi.shape[0]
         EV, EO, EP = self._ER[:, :v], self._ER[:, v : v + k], self._ER[:, v + k :]
         UtE, PsiE, PE = self._LE[:u], self._LE[u : u + l], self._LE[u + l :]
         return EV, EO, EP, UtE, PsiE, PE
 
     def _cross(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E V, G) with G = U^T E - U^T E V V^T: E ~ E V V^T + U G."""
+        """(E V, G) with E ~ E V V^T + U G: G = U^T E - U^T E V V^T (both sides), 0 (right: E ~
+        E V V^T), U^T E (left: E ~ U U^T E, and E V taken as 0). The side not sketched has
+        zero columns (or rows)."""
         if "cross" not in self._done:
             EV, _, _, UtE, _, _ = self._parts()
-            self._done["cross"] = EV, UtE - (self.U.mT @ EV) @ self.V.mT
+            G = UtE - (self.U.mT @ EV) @ self.V.mT if self.sides == "both" else UtE
+            self._done["cross"] = EV, G
         return self._done["cross"]
 
     def _remainder(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +171,7 @@ class ProductSketch:
     def e_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(F, G) with E ~ F @ G: the cross approximation plus the remainder sketch."""
         EV, G = self._cross()
-        F, Gs = [EV, self.U], [self.V.mT, G]
+        F, Gs = [EV, self.U[:, : self._u]], [self.V.mT[: self._v], G]
         if self.width:
             Q, X = self._remainder()
             F.append(Q)
@@ -160,8 +186,8 @@ class ProductSketch:
         E V V^T pinv(A)) A."""
         EV, G = self._cross()
         first = self.dA if difference else self.A + self.dA
-        right = first + self._pinvB_U @ G if self.U.shape[1] else first
-        left = self.dB + EV @ self._Vt_pinvA if self.V.shape[1] else self.dB
+        right = first + self._pinvB_U[:, : self._u] @ G if self._u else first
+        left = self.dB + EV @ self._Vt_pinvA[: self._v] if self._v else self.dB
         L, R = [self.B, left], [right, self.A]
         if self.width:
             Q, X = self._remainder()
@@ -174,7 +200,9 @@ class ProductSketch:
         ||left @ right - B A||: with D = E - F G (what the approximation missed) and P, S the
         result's column and row spaces, sqrt(||P^T D||^2 + ||D S||^2), from the probes. 0.0
         without probes. `left`'s columns and `right`'s rows must be orthogonal (an SVD's split,
-        as `truncated_svd_of_sum` returns), so their bases are those vectors normalised."""
+        as `truncated_svd_of_sum` returns), so their bases are those vectors normalised.
+        One-sided, only the part its solve reads: ||D S|| (right: T V moves by (I - P) D S S^T V)
+        or ||P^T D|| (left)."""
         _, _, EP, _, _, PE = self._parts()
         p = EP.shape[1]
         if not p:
@@ -184,6 +212,8 @@ class ProductSketch:
         miss_l = PE - (self.probe_left @ F) @ G  # psi D
         ln, rn = left.norm(dim=0), right.norm(dim=1)
         P, S = left[:, ln > 0] / ln[ln > 0], (right[rn > 0] / rn[rn > 0, None]).mT
-        est2 = (float((P.mT @ miss_r).pow(2).sum()) + float((miss_l @ S).pow(2).sum())) / p
+        left_part = float((P.mT @ miss_r).pow(2).sum()) if self.sides != "right" else 0.0
+        right_part = float((miss_l @ S).pow(2).sum()) if self.sides != "left" else 0.0
+        est2 = (left_part + right_part) / p
         t2 = product_norm2(torch.cat([left, -self.B], dim=1), torch.cat([right, self.A], dim=0))
         return (est2 / t2) ** 0.5 if t2 > 0 else 0.0

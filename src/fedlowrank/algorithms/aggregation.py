@@ -115,8 +115,8 @@ class WeightedMeans:
 
 class ModuleSketches:
     """A `ProductSketch` per LoRA module of `keys` (in `work` dtype, its random matrices seeded by
-    (run seed, "sketch", round, module), so a round repeats exactly) and weighted means of the
-    other keys."""
+    (run seed, "sketch", round, module), so a round repeats exactly; `width` and `sides` as
+    there) and weighted means of the other keys."""
 
     def __init__(
         self,
@@ -127,6 +127,7 @@ class ModuleSketches:
         round: int,
         work: Callable[[torch.Tensor], torch.dtype],
         width: int,
+        sides: str = "both",
     ) -> None:
         self.pairs = lora_pairs({k: global_state[k] for k in keys})
         in_pairs = {k for pair in self.pairs.values() for k in pair}
@@ -135,7 +136,8 @@ class ModuleSketches:
         for module, (b_key, a_key) in self.pairs.items():
             B, A = global_state[b_key], global_state[a_key]
             dt = work(B)
-            self.sketches[module] = ProductSketch(B.to(dt), A.to(dt), derive_seed(seed, "sketch", round, module), width=width)
+            self.sketches[module] = ProductSketch(B.to(dt), A.to(dt), derive_seed(seed, "sketch", round, module), width=width,
+                                                  sides=sides)  # fmt: skip
 
     def add(self, upload: Payload) -> None:
         w = self.means.add(upload)

@@ -232,7 +232,7 @@ class FedSRDConfig(UploadConfig):
     # The server step. "factored": exact, through the clients' factors (O((d_out + d_in) (m r)^2));
     # "dense": the paper's reference (build W, full SVD); "sketch": streaming, each upload folded
     # into per-module sums and let go (fedlowrank.sketch: exact on everything the clients' deltas do
-    # inside the spans of the global factors, within 1e-3 of the exact target in the measured regime);
+    # inside the spans of the global factors, its broadcast factor within 1e-3 of the exact one in the measured regime);
     # "auto": "factored" while clients x rank <= sketch_above or the exact step is cheap anyway
     # (small modules: its QR work under ~1.7e10 and the decoded uploads under 1 GiB), "sketch" beyond.
     method: Literal["auto", "factored", "dense", "sketch"] = "auto"
@@ -241,6 +241,12 @@ class FedSRDConfig(UploadConfig):
     # Columns of a random sketch of what the cross approximation leaves out (0: none; m r or more:
     # the sketch step equals the exact one). docs/algorithms.md measures it.
     sketch_width: int = 0
+    # Which side of the target the sketch streams. An Eq. 12-13 solve reads one side only (odd
+    # rounds T pinv(A): T V; even rounds pinv(B) T: U^T T), so "solve" streams that side alone,
+    # half the per-upload products, with the same first-order accuracy for the solved factor
+    # (fedlowrank.sketch); "both" streams both (the whole target to first order). "auto": "solve"
+    # unless download_feedback, which reads the whole target, or sketch_width > 0.
+    sketch_sides: Literal["auto", "both", "solve"] = "auto"
     # Extension, off by default (the paper has none): after every applied broadcast, server and
     # clients alike replace (B, A) by balanced factors of the same product (lora.balance_factors).
     # The pinv solves otherwise let one factor grow while the other shrinks, and local optimizers
@@ -274,6 +280,12 @@ class FedSRDConfig(UploadConfig):
         check_fields(self, download_drop=(0.0, 0.999), solve_tol=(1e-12, 1.0))
         choice(self.method, "method", METHODS)
         check_fields(self, sketch_above=(0, 10**9), sketch_width=(0, 10**6))
+        choice(self.sketch_sides, "sketch_sides", ("auto", "both", "solve"))
+        if self.sketch_sides == "solve" and (self.download_feedback or self.sketch_width):
+            raise ValueError("sketch_sides = 'solve' streams one side of the target, but "
+                             + ("download_feedback reads it whole" if self.download_feedback else
+                                f"sketch_width = {self.sketch_width} sketches both sides")
+                             + ": use sketch_sides = 'both' or 'auto'")  # fmt: skip
         choice(self.server_dtype, "server_dtype", ("float32", "float64"))
         choice(self.solve, "solve", SOLVES)
 
@@ -417,6 +429,16 @@ class _Step:
         return Payload(self.out, seeds=self.seeds, meta=meta, stats=stats), self.new_memory
 
 
+def _sketch_sides(cfg: FedSRDConfig, round: int) -> str:
+    """The `ProductSketch` side this round's sketch streams: "right" (E V) for an odd round's
+    T pinv(A), "left" (U^T E) for an even round's pinv(B) T, or "both"."""
+    one_side = cfg.sketch_sides == "solve" or (
+        cfg.sketch_sides == "auto" and not cfg.download_feedback and not cfg.sketch_width)
+    if not one_side:
+        return "both"
+    return "right" if round % 2 == 1 else "left"
+
+
 class _SketchStep(Aggregator):
     """The streaming FedSRD step: each upload is folded into one `ProductSketch` per module
     (fedlowrank.sketch) and let go; at the end each module's target comes from the sketch:
@@ -425,8 +447,9 @@ class _SketchStep(Aggregator):
     def __init__(self, alg: FedSRD, global_state, weights, info: RoundInfo, memory: State) -> None:
         self.alg, self.info, self.memory, self.global_state = alg, info, memory, global_state
         cfg = alg.config
+        self.sides = _sketch_sides(cfg, info.round)
         self.sums = ModuleSketches(global_state, alg.sent_keys(global_state), weights, info.seed, info.round,
-                                   alg._work, cfg.sketch_width)  # fmt: skip
+                                   alg._work, cfg.sketch_width, self.sides)  # fmt: skip
 
     def add(self, upload: Payload) -> None:
         self.sums.add(upload)
@@ -448,7 +471,8 @@ class _SketchStep(Aggregator):
             step.module(module, B, A, L, R)
         for key, acc in self.sums.means.sums.items():
             step.out[key] = acc
-        return step.finish({"sketched": 1.0, "sketch_error_max": max(errors, default=0.0)})
+        stats = {"sketched": 1.0, "sketch_error_max": max(errors, default=0.0), "sketch_one_side": float(self.sides != "both")}
+        return step.finish(stats)
 
 
 class _Diagnostics:
