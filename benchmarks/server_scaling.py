@@ -8,18 +8,20 @@ defaults produce. Two scopes:
 * `gate`: one 8192 x 3072 module, m = 4 ... 256 distinct clients: time of every method, error of
   the exact (float32) and sketched targets against a float64 dense SVD_r reference, and the
   flat-spectrum residual check (sketch residual / optimal rank-r residual);
-
-The step is an even round's (dA = pinv(B) T). "sketch" streams only the side of the target that
-solve reads (`sketch_sides = "solve"`, the default), "sketch-both" both sides (the whole target
-to first order); their accuracy is compared on what is broadcast, the solved factor.
 * `model`: all 196 modules; 16 distinct uploads cycled to m clients (the cost of a step does not
   depend on what the clients sent). Sketch for every m, exact where it fits in memory (m <= 16:
   today's exact step holds every decoded upload), dense not run (196 dense SVDs: about 15 min).
 
+The step is an even round's (dA = pinv(B) T). "sketch" streams only the side of the target that
+solve reads (`sketch_sides = "solve"`, the default), "sketch-both" both sides (the whole target
+to first order); their accuracy is compared on what is broadcast, the solved factor.
+
 Every cell runs in its own process, so "peak RSS" is that step's high-water mark above the
 process's own before the step (the global state and the encoded uploads already loaded). The
-decode column is the time to decode the round's uploads and nothing else: the floor every
-method pays. Results are cached per cell in benchmarks/results/server_scaling.cells.json (rerun to
+decode column is the time to decode the round's uploads and nothing else, the floor every method
+pays, decoded the way the runtime decodes them for a streaming step (into reused buffers,
+`codec.DecodeBuffers`); the column beside it decodes each into fresh arrays, as the runtime did
+before. Results are cached per cell in benchmarks/results/server_scaling.cells.json (rerun to
 resume); the tables go to benchmarks/results/server_scaling.{json,md}.
 
     .venv/bin/python benchmarks/server_scaling.py            # about 30 min on 2 cores
@@ -101,7 +103,7 @@ def cell(scope: str, method: str, m: int, spread: float) -> dict:
     from fedlowrank.algorithms import make_algorithm
     from fedlowrank.algorithms.aggregation import aggregate
     from fedlowrank.algorithms.base import RoundInfo
-    from fedlowrank.codec import decode_payload
+    from fedlowrank.codec import DecodeBuffers, decode_payload
 
     torch.set_num_threads(2)
     glob = global_state(scope)
@@ -112,15 +114,18 @@ def cell(scope: str, method: str, m: int, spread: float) -> dict:
     encoded_mb = sum(len(b) for b in order) / 2**20
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    if method == "decode":
+    if method in ("decode", "decode-fresh"):  # into reused buffers (what a streaming step gets), or fresh arrays
+        buffers = DecodeBuffers() if method == "decode" else None
         for b in order:
-            decode_payload(b, shapes)
+            decode_payload(b, shapes, buffers=buffers)
         out = {}
     else:
         sides = {"sketch": {"sketch_sides": "solve"}, "sketch-both": {"sketch_sides": "both"}}.get(method, {})
         opts = {"method": "sketch" if sides else method, "server_dtype": "float32", **sides}
         alg = make_algorithm("fedsrd", opts)
-        bc, _ = aggregate(alg.aggregator(glob, [1] * m, RoundInfo(2, 0), {}), (decode_payload(b, shapes) for b in order))
+        agg = alg.aggregator(glob, [1] * m, RoundInfo(2, 0), {})
+        buffers = None if agg.keeps_uploads else DecodeBuffers()  # as the runtime decodes for it
+        bc, _ = aggregate(agg, (decode_payload(b, shapes, buffers=buffers) for b in order))
         out = {k: v for k, v in bc.stats.items() if k in ("sketched", "sketch_error_max", "sketch_one_side")}
     seconds = time.perf_counter() - t0
     grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
@@ -240,7 +245,7 @@ def main() -> None:
     print("whole model (196 modules, r = 64)", flush=True)
     for m in ms:
         row = {"m": m}
-        for method in ("decode", "sketch", "sketch-both") + (("factored",) if m <= 16 else ()):
+        for method in ("decode", "decode-fresh", "sketch", "sketch-both") + (("factored",) if m <= 16 else ()):
             row[method] = get("model", f"model/{method}/{m}", ["model", method, str(m), "0.1"], 3600)
         model_rows.append(row)
     gate_density = density("gate", make_uploads("gate", 1, 0.1))
@@ -273,19 +278,22 @@ def main() -> None:
                      f"{fmt(e.get('one_side_solve_error'))} | {fmt(e.get('one_side_error_estimate'))} | "
                      f"{fmt(f.get('sketch_residual_ratio'), 4)} |")  # fmt: skip
     lines += ["", "## The whole 3B-shaped LoRA set (196 modules, r = 64)", "",
-              "| m | encoded uploads MB | decode s | sketch (one side) s | one side / decode | sketch peak MB | "
-              "sketch (both sides) s | both / decode | exact factored s | exact peak MB |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "| m | encoded uploads MB | decode s | decode into fresh arrays s | sketch (one side) s | one side / decode | "
+              "sketch peak MB | sketch (both sides) s | both / decode | exact factored s | exact peak MB |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
 
     def ratio(a, b):
         return a["seconds"] / b["seconds"] if "seconds" in a and "seconds" in b else None
 
     for r in model_rows:
         d, s, both, x = r["decode"], r["sketch"], r["sketch-both"], r.get("factored", {})
-        lines.append(f"| {r['m']} | {fmt(d.get('encoded_mb'), 0)} | {sec(d)} | {sec(s)} | {fmt(ratio(s, d))} | "
+        lines.append(f"| {r['m']} | {fmt(d.get('encoded_mb'), 0)} | {sec(d)} | {sec(r['decode-fresh'])} | {sec(s)} | {fmt(ratio(s, d))} | "
                      f"{fmt(s.get('peak_rss_mb'), 0)} | {sec(both)} | {fmt(ratio(both, d))} | "
                      f"{sec(x) if x else 'not run'} | {fmt(x.get('peak_rss_mb'), 0) if x else '-'} |")  # fmt: skip
-    lines += ["", "Peak MB: the step's resident high-water mark above the process's before it (global state and encoded "
+    lines += ["", "Decode: the round's uploads decoded one after another into reused buffers (codec.DecodeBuffers), as the "
+              "runtime decodes them for a streaming step (the sketch, FedAvg's means); into fresh arrays: each upload "
+              "a new zeroed copy, as before (its cost is mostly the page faults of fresh memory).",
+              "", "Peak MB: the step's resident high-water mark above the process's before it (global state and encoded "
               "uploads already loaded). Target errors: relative Frobenius error of SVD_r(W) - B A against a float64 "
               "dense reference; solved dA errors: of this even round's pinv(B) T, what is broadcast; estimates: the "
               "sketch's own probe estimate (what metrics.jsonl records as `sketch_error_max`; one-sided, of the side "

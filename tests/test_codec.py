@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from fedlowrank.codec import (
     FORMAT_VERSION,
     MAGIC,
+    DecodeBuffers,
     PayloadError,
     _put_varint,
     decode_payload,
@@ -126,6 +127,48 @@ def test_encoder_rejects_bad_inputs():
         encode_tensor(torch.ones(3), "golomb", seed=1, keep_prob=0.5)
     with pytest.raises(TypeError):
         encode_tensor(np.ones(3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seeds=st.lists(st.integers(0, 10**6), min_size=1, max_size=6),
+       densities=st.lists(st.sampled_from([0.0, 0.01, 0.2, 0.7, 1.0]), min_size=6, max_size=6),
+       positions=st.lists(st.sampled_from(["golomb", "bitmap", "dense", "seeded"]), min_size=6, max_size=6))
+def test_decoding_into_reused_buffers_equals_a_fresh_decode(seeds, densities, positions):
+    """A sequence of payloads with different supports (and encodings, one of them corrupt):
+    each decode into the shared DecodeBuffers equals a fresh decode bit for bit; what the
+    previous one wrote never shows through, and a failed decode spoils nothing after it."""
+    buffers = DecodeBuffers()
+    shapes = {"a": (30, 20), "b": (7,)}
+    for j, seed in enumerate(seeds):
+        tensors = {"a": sparse((30, 20), densities[j], seed), "b": sparse((7,), densities[-j - 1], seed + 1)}
+        pos, seeded = positions[j], {}
+        if pos == "seeded":
+            tensors["a"] = dare(torch.randn(30, 20), 0.6, seed=seed)
+            seeded = {"a": (seed, 0.4)}
+        data = encode_payload(Payload(tensors, seeds=seeded), {"a": pos, "b": "golomb"})
+        if j == 2:  # a corrupt payload (its checksum made valid): the decodes after it are unharmed
+            bad = bytearray(data[:-4])
+            bad[len(bad) // 2] ^= 0xFF
+            try:  # refused part-way through, or (a flipped value) decoded
+                decode_payload(with_crc(bytes(bad)), shapes, buffers=buffers)
+            except PayloadError:
+                pass
+        fresh = decode_payload(data, shapes)
+        reused = decode_payload(data, shapes, buffers=buffers)
+        for k in shapes:
+            assert bits_equal(reused.tensors[k], fresh.tensors[k]), (j, k, pos)
+        assert reused.seeds == fresh.seeds
+
+
+def test_reused_buffers_are_views_the_next_decode_overwrites():
+    buffers = DecodeBuffers()
+    one = encode_payload(Payload({"a": sparse((50,), 0.3, 1)}))
+    two = encode_payload(Payload({"a": sparse((50,), 0.3, 2)}))
+    first = decode_payload(one, buffers=buffers).tensors["a"]
+    kept = first.clone()
+    decode_payload(two, buffers=buffers)
+    assert not torch.equal(first, kept)  # documented: only for a consumer done with each upload
+    assert bits_equal(decode_payload(one, buffers=buffers).tensors["a"], kept)
 
 
 @pytest.mark.parametrize("value_dtype", DTYPES)

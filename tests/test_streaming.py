@@ -26,6 +26,7 @@ from fedlowrank.algorithms.aggregation import aggregate
 from fedlowrank.algorithms.base import RoundInfo, aggregation_weights, weighted_mean
 from fedlowrank.algorithms.fedsrd import target
 from fedlowrank.cli import main
+from fedlowrank.codec import DecodeBuffers, decode_payload, encode_payload
 from fedlowrank.lora import truncated_svd_of_sum
 from fedlowrank.payload import Payload
 from fedlowrank.sketch import ProductSketch
@@ -261,6 +262,31 @@ def test_every_algorithms_aggregator_equals_its_batch_step(name):
         assert torch.equal(batch.tensors[k], stream.tensors[k]), k
     assert batch.meta == stream.meta and batch.seeds == stream.seeds
     assert mem_b.keys() == mem_s.keys()
+
+
+@pytest.mark.parametrize("name, options", [*((n, {}) for n in sorted(ALGORITHMS)),
+                                           ("fedsrd", {"method": "sketch"}), ("flexlora", {"method": "sketch"})])
+def test_an_aggregator_that_lets_uploads_go_is_fed_reused_buffers_safely(name, options):
+    """`keeps_uploads = False` is a promise: decoded into one set of reused buffers (as the
+    runtime then does), sparse uploads give the same bits as fresh decodes. A wrong promise
+    (an aggregator that kept them) would see every upload turn into the last one."""
+    alg = make_algorithm(name, options)
+    glob = alg.init_state(lora_state(2, 12, 10, 2, 0), 0)
+    sent = alg.sent_keys(glob)
+    g = torch.Generator().manual_seed(4)
+    ups = [Payload({k: torch.where(torch.rand(v.shape, generator=g) < 0.3, v, torch.zeros(())) for k, v in u.tensors.items()
+                    if k in sent}, meta=u.meta) for u in uploads_for(glob, 3, 1)]  # fmt: skip
+    blobs = [encode_payload(u) for u in ups]
+    shapes = {k: tuple(glob[k].shape) for k in sent}
+    info = RoundInfo(2, 3)
+    fresh, _ = aggregate(alg.aggregator(glob, [5, 6, 7], info, {}), (decode_payload(b, shapes) for b in blobs))
+    agg = alg.aggregator(glob, [5, 6, 7], info, {})
+    if agg.keeps_uploads:  # the runtime gives it fresh tensors: nothing to check
+        return
+    buffers = DecodeBuffers()
+    reused, _ = aggregate(agg, (decode_payload(b, shapes, buffers=buffers) for b in blobs))
+    for k in fresh.tensors:
+        assert torch.equal(fresh.tensors[k], reused.tensors[k]), k
 
 
 MEMORY_SCRIPT = textwrap.dedent(

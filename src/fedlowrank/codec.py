@@ -33,10 +33,11 @@ Servers pass expected shapes, so nothing larger than the model's own tensors is 
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,7 @@ from fedlowrank.sparsify import seeded_keep_mask
 
 __all__ = [
     "PayloadError",
+    "DecodeBuffers",
     "MAGIC",
     "FORMAT_VERSION",
     "POSITION_ENCODINGS",
@@ -334,9 +336,41 @@ class _Limits:
     total_left: int  # what is left of the payload's max_total_elements
 
 
+class DecodeBuffers:
+    """Dense buffers that `decode_payload(..., buffers=)` fills in place of fresh zeroed arrays.
+
+    Decoding a sparse record into a fresh array costs the kernel's page faults on every page the
+    scattered values touch (measured: 0.28 s for one 3B-shaped LoRA upload of 371 MiB, against
+    0.05 s for the same scatter into arrays already mapped). With buffers, each tensor name keeps
+    one float32 array: the previous decode's positions are zeroed, the new values written.
+
+    The tensors a decode returns are views of these buffers: **the next decode with the same
+    buffers overwrites them**. Only for a consumer that is done with an upload before it asks for
+    the next (a streaming aggregator, a validation pass); a record that fails to decode leaves
+    its buffer as the last successful decode left it.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+        self._written: dict[str, np.ndarray] = {}
+
+    def scatter(self, name: str, n: int, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """The buffer for `name` (n float32 entries) holding `values` at `idx` and zeros elsewhere."""
+        out = self._arrays.get(name)
+        if out is None or out.size != n:
+            out = self._arrays[name] = np.zeros(n, dtype=np.float32)
+        else:
+            out[self._written[name]] = 0.0
+        out[idx] = values
+        self._written[name] = idx
+        return out
+
+
 def _read_record(
-    r: _Reader, expected_shape: tuple[int, ...] | None, limits: _Limits
+    r: _Reader, expected_shape: tuple[int, ...] | None, limits: _Limits, buffer: Callable | None = None
 ) -> tuple[torch.Tensor, tuple[int, float] | None]:
+    """One tensor record. `buffer(n, idx, values)`, when given, returns the dense array a sparse
+    record is scattered into (DecodeBuffers); else a fresh zeroed one."""
     tag = r.u8("record tag")
     enc_code, dtype_code = tag >> 2, tag & 3
     if enc_code not in _POSITION_NAMES:
@@ -408,7 +442,7 @@ def _read_record(
         bits = np.unpackbits(raw, bitorder="little")
         if bits[n:].any():
             raise PayloadError("bitmap has non-zero padding bits")
-        idx = np.flatnonzero(bits[:n])
+        idx = np.flatnonzero(bits[:n].view(np.bool_))  # 0/1 bytes: numpy's fast boolean path
         if idx.size != k:
             raise PayloadError(f"bitmap has {idx.size} set bits, header says k = {k}")
     else:
@@ -418,8 +452,11 @@ def _read_record(
         except ValueError as e:
             raise PayloadError(str(e)) from e
 
-    out = np.zeros(n, dtype=np.float32)  # calloc: untouched pages cost no memory
-    out[idx] = values
+    if buffer is not None:
+        out = buffer(n, idx, values)
+    else:
+        out = np.zeros(n, dtype=np.float32)  # calloc: untouched pages cost no memory
+        out[idx] = values
     return torch.from_numpy(out.reshape(shape)), seed_info
 
 
@@ -594,11 +631,14 @@ def decode_payload(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_total_elements: int = DEFAULT_MAX_ELEMENTS,
     require_all: bool = True,
+    buffers: DecodeBuffers | None = None,
 ) -> Payload:
     """Inverse of encode_payload. Raises PayloadError on any defect, naming the tensor.
 
     With expected_shapes, the payload must hold exactly those names (with `require_all=False`:
     some of them) with exactly those shapes (checked before any tensor is allocated).
+    With `buffers`, sparse tensors are decoded into those reused arrays (DecodeBuffers: the
+    result is valid only until the next decode with them).
     """
     data = _as_bytes(data)
     if len(data) > max_bytes:
@@ -639,7 +679,8 @@ def decode_payload(
             raise PayloadError(f"unexpected tensor {name!r}")
         expected = None if expected_shapes is None else expected_shapes[name]
         try:
-            t, seed_info = _read_record(r, expected, _Limits(max_elements, total_left))
+            fill = None if buffers is None else functools.partial(buffers.scatter, name)
+            t, seed_info = _read_record(r, expected, _Limits(max_elements, total_left), fill)
         except PayloadError as e:
             raise PayloadError(f"tensor {name!r}: {e}") from e
         total_left -= t.numel()

@@ -37,7 +37,15 @@ State = dict[str, torch.Tensor]
 
 
 class Aggregator(ABC):
-    """One round's server step, fed one upload at a time."""
+    """One round's server step, fed one upload at a time.
+
+    `keeps_uploads`: whether `add` may hold on to the upload's tensors after it returns. An
+    aggregator that folds each upload into its own sums says False, and the runtime then decodes
+    every upload into the same reused buffers (`codec.DecodeBuffers`), which saves the page
+    faults of a fresh dense copy per upload.
+    """
+
+    keeps_uploads: bool = True
 
     @abstractmethod
     def add(self, upload: Payload) -> None:
@@ -78,6 +86,8 @@ def use_sketch(method: str, global_state: Mapping[str, torch.Tensor], sent: Sequ
 
 class Collecting(Aggregator):
     """Keeps every upload and calls `step(uploads)` at the end (a batch server step)."""
+
+    keeps_uploads = True
 
     def __init__(self, step: Callable[[list[Payload]], tuple[Payload, State]]) -> None:
         self.step = step

@@ -77,6 +77,8 @@ class FedAvg(SparseUploadClient, Algorithm):
 
 
 class _MeanAggregator(Aggregator):
+    keeps_uploads = False  # each upload is added into the sums and let go
+
     def __init__(self, global_state, keys, weights, round: int) -> None:
         self.means = WeightedMeans(global_state, keys, weights)
         self.round = round

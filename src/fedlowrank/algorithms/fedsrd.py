@@ -444,6 +444,8 @@ class _SketchStep(Aggregator):
     (fedlowrank.sketch) and let go; at the end each module's target comes from the sketch:
     SVD_r of the approximated W, minus B A (FedSRD), or the approximated W - B A (FedSRD-e)."""
 
+    keeps_uploads = False  # each upload is folded into the sketches and let go
+
     def __init__(self, alg: FedSRD, global_state, weights, info: RoundInfo, memory: State) -> None:
         self.alg, self.info, self.memory, self.global_state = alg, info, memory, global_state
         cfg = alg.config

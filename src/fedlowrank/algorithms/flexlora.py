@@ -78,6 +78,8 @@ class FlexLoRA(FedAvg):
 
 
 class _SketchStep(Aggregator):
+    keeps_uploads = False  # each upload is folded into the sketches and let go
+
     def __init__(self, global_state, sent, weights, info: RoundInfo, width: int) -> None:
         self.global_state, self.round = global_state, info.round
         self.sums = ModuleSketches(global_state, sent, weights, info.seed, info.round,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fedlowrank.algorithms.base import Algorithm, RoundInfo, state_payload
-from fedlowrank.codec import PayloadError, decode_payload, encode_payload
+from fedlowrank.codec import DecodeBuffers, PayloadError, decode_payload, encode_payload
 from fedlowrank.lora import lora_pairs
 from fedlowrank.payload import Payload
 from fedlowrank.protocol.messages import ClientRound, Encoded, EvalResult, TrainOrder, encode
@@ -91,6 +91,9 @@ class RoundServer:
         if config.download_positions not in ("auto", "dense"):
             cap += sum((init[k].numel() + 7) // 8 + 16 for k in self.sent)
         self._full_state_cap = cap
+        # one upload's dense tensors, reused by every decode whose result is let go at once (the
+        # checks as each upload arrives, and a streaming aggregator's pass); held for a round only
+        self._upload_buffers: DecodeBuffers | None = None
         self.transport = transport(self)
 
     # --- the pieces of a round ----------------------------------------------------------------
@@ -140,6 +143,13 @@ class RoundServer:
 
     # --- one round ----------------------------------------------------------------------------
     def round(self, t: int) -> dict[str, Any]:
+        self._upload_buffers = DecodeBuffers()
+        try:
+            return self._round(t)
+        finally:
+            self._upload_buffers = None
+
+    def _round(self, t: int) -> dict[str, Any]:
         st = self.state
         wall0 = time.perf_counter()
         clients = self.sample(t)
@@ -216,8 +226,8 @@ class RoundServer:
         rec.fail(status, reason)
         log.warning("round %d: client %d left out: %s", t, rec.client, reason)
 
-    def _decode(self, data: bytes) -> Payload:
-        return decode_payload(data, self.upload_shapes)
+    def _decode(self, data: bytes, buffers: DecodeBuffers | None = None) -> Payload:
+        return decode_payload(data, self.upload_shapes, buffers=buffers)
 
     def _accept_upload(self, t: int, rec: ClientRound, data: bytes) -> tuple[float | None, float]:
         """Check one client's upload bytes against the expected shapes, its stamp and its values;
@@ -227,7 +237,7 @@ class RoundServer:
         t0 = time.perf_counter()
         norm = None
         try:
-            got = self._decode(data)
+            got = self._decode(data, self._upload_buffers)  # nothing of it is kept
             stamp = (got.meta.get("round"), got.meta.get("client"))
             if stamp != (t, rec.client):  # a replay of old bytes, or another client's
                 raise PayloadError(f"upload is stamped round {stamp[0]}, client {stamp[1]}; this is round {t}, "
@@ -269,8 +279,9 @@ class RoundServer:
         time. Nothing changes unless it all succeeds with finite values (else it raises)."""
         st, cfg, alg = self.state, self.cfg, self.alg
         agg = alg.aggregator(st.global_state, [u.weight for u in uploads], RoundInfo(t, self.seed), st.server_memory)
+        buffers = None if agg.keeps_uploads else self._upload_buffers  # reused: one upload alive at a time
         for u in uploads:
-            got = self._decode(u.data)
+            got = self._decode(u.data, buffers)
             if u.scale != 1.0:
                 got = Payload({k: v * u.scale for k, v in got.tensors.items()}, got.seeds, got.meta)
             agg.add(got)
