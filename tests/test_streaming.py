@@ -87,6 +87,28 @@ def test_cross_approximation_is_exact_inside_the_factor_spans(d, r, m, seed):
         assert rel(L @ R, exact_W(B, A, dBs2, dAs2, w)) < 1e-8
 
 
+@settings(max_examples=30, deadline=None)
+@given(d_out=st.integers(4, 40), d_in=st.integers(4, 40), r=st.integers(1, 4), m=st.integers(1, 4),
+       seed=st.integers(0, 99), zero_b=st.booleans(), sides=st.sampled_from(["both", "right", "left"]),
+       width=st.sampled_from([0, 3]))
+def test_the_sketchs_own_truncated_svd_equals_the_generic_one(d_out, d_in, r, m, seed, zero_b, sides, width):
+    """ProductSketch.truncated_svd reuses the QRs of B and A^T; the product it gives is the
+    rank-r SVD of factors()'s product, as truncated_svd_of_sum computes it (float64), B = 0 too."""
+    B, A, dBs, dAs = module(d_out, d_in, r, m, seed, spread=1.0)
+    if zero_b:
+        B = torch.zeros_like(B)
+    sk = ProductSketch(B, A, seed=seed, sides=sides if not width else "both", width=width)
+    for dB, dA in zip(dBs, dAs):
+        sk.add(dB, dA, 1.0 / m)
+    L, R = sk.factors()
+    want_L, want_R = truncated_svd_of_sum([L], [R], [1.0], r)
+    got_L, got_R = sk.truncated_svd(r)
+    assert got_L.shape == want_L.shape and got_R.shape == want_R.shape
+    want = want_L @ want_R
+    scale = max(float((L @ R).norm()), 1e-300)
+    assert float((got_L @ got_R - want).norm()) <= 1e-9 * scale
+
+
 def test_sketch_is_deterministic_and_its_error_estimate_tracks_the_truth():
     B, A, dBs, dAs = module(300, 200, 8, 20, 0, spread=0.3)
     w = [1.0 / 20] * 20

@@ -466,8 +466,7 @@ class _SketchStep(Aggregator):
             if cfg.efficient:  # T = W - B A directly; its solve is exact when B and A have full rank
                 L, R = sk.factors(difference=True)
             else:  # T = SVD_r(W) - B A
-                Lw, Rw = sk.factors()
-                left, right = truncated_svd_of_sum([Lw], [Rw], [1.0], B.shape[1])
+                left, right = sk.truncated_svd(B.shape[1])
                 L, R = torch.cat([left, B], dim=1), torch.cat([right, -A], dim=0)
                 errors.append(sk.first_order_error(left, right))
             step.module(module, B, A, L, R)

@@ -94,8 +94,7 @@ class _SketchStep(Aggregator):
         errors = []
         for module, sk in self.sums.sketches.items():
             b_key, a_key = self.sums.pairs[module]
-            L, R = sk.factors()
-            B, A = truncated_svd_of_sum([L], [R], [1.0], sk.B.shape[1])
+            B, A = sk.truncated_svd(sk.B.shape[1])
             errors.append(sk.first_order_error(B, A))
             dt = self.global_state[b_key].dtype
             out[b_key], out[a_key] = B.to(dt), A.to(dt)
