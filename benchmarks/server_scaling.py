@@ -101,7 +101,6 @@ def density(scope: str, paths: list[Path]) -> float:
 # --- one cell, in a child process ----------------------------------------------------------------
 def cell(scope: str, method: str, m: int, spread: float) -> dict:
     from fedlowrank.algorithms import make_algorithm
-    from fedlowrank.algorithms.aggregation import aggregate
     from fedlowrank.algorithms.base import RoundInfo
     from fedlowrank.codec import DecodeBuffers, decode_payload
 
@@ -125,7 +124,10 @@ def cell(scope: str, method: str, m: int, spread: float) -> dict:
         alg = make_algorithm("fedsrd", opts)
         agg = alg.aggregator(glob, [1] * m, RoundInfo(2, 0), {})
         buffers = None if agg.keeps_uploads else DecodeBuffers()  # as the runtime decodes for it
-        bc, _ = aggregate(agg, (decode_payload(b, shapes, buffers=buffers) for b in order))
+        for b in order:
+            agg.add(decode_payload(b, shapes, buffers=buffers))
+        del buffers  # as the runtime does, before the step's own peak
+        bc, _ = agg.finish()
         out = {k: v for k, v in bc.stats.items() if k in ("sketched", "sketch_error_max", "sketch_one_side")}
     seconds = time.perf_counter() - t0
     grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024

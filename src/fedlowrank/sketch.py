@@ -60,17 +60,16 @@ __all__ = ["ProductSketch", "SIDES"]
 SIDES = ("both", "right", "left")
 
 
-def _thin_svd(M: torch.Tensor, rtol: float = 1e-6):
-    """(U, S, V, Q, R) with M ~ U diag(S) V^T over the directions above rtol * s_max (U
-    orthonormal, d x k: fewer columns for a zero or rank-deficient factor, LoRA's B = 0 at the
-    start), and the QR M = Q R it came from; by QR and the SVD of the q x q triangle, O(d q^2),
-    rank-revealing."""
+def _thin_svd(M: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, V) with M ~ U diag(S) V^T over the directions above rtol * s_max (U orthonormal,
+    d x k: fewer columns for a zero or rank-deficient factor, LoRA's B = 0 at the start); by QR
+    and the SVD of the q x q triangle, O(d q^2), rank-revealing."""
     Q, R = torch.linalg.qr(M, mode="reduced")
     U, S, Vh = torch.linalg.svd(R)
     if S.numel() == 0 or float(S[0]) <= 0:
-        return M.new_zeros(M.shape[0], 0), S[:0], M.new_zeros(M.shape[1], 0), Q, R
+        return M.new_zeros(M.shape[0], 0), S[:0], M.new_zeros(M.shape[1], 0)
     keep = S > rtol * S[0]
-    return Q @ U[:, keep], S[keep], Vh[keep].mT, Q, R
+    return Q @ U[:, keep], S[keep], Vh[keep].mT
 
 
 def _extend_basis(Q: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,8 +109,8 @@ class ProductSketch:
         self.B, self.A = B, A
         # B ~ U diag(sB) WB^T and A^T ~ V diag(sA) WA^T: bases and, for free, pinv(B) U = WB / sB
         # and V^T pinv(A) = (WA / sA)^T
-        self.U, sB, WB, self._QB, self._RB = _thin_svd(B)
-        self.V, sA, WA, self._QA, self._RA = _thin_svd(A.mT)
+        self.U, sB, WB = _thin_svd(B)
+        self.V, sA, WA = _thin_svd(A.mT)
         self._pinvB_U = WB / sB[None, :]  # (r, u)
         self._Vt_pinvA = (WA / sA[None, :]).mT  # (v, r)
         g = torch.Generator(device="cpu").manual_seed(int(seed) & (2**63 - 1))
@@ -210,15 +209,18 @@ class ProductSketch:
 
     def truncated_svd(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-`rank` SVD factors (U_r sqrt(S_r), sqrt(S_r) V_r^T) of `factors()`'s product, as
-        `lora.truncated_svd_of_sum` gives them, reusing the QRs of B and A^T this sketch already
-        holds: L = [B, X] = [Q_B, Q2] [[R_B, C], [0, R2]] needs only X's QR against Q_B (d x r),
-        not a QR of the d x 2r factor; R likewise. Falls back to `truncated_svd_of_sum` with a
-        remainder sketch (`width` > 0)."""
+        `lora.truncated_svd_of_sum` gives them, in blocks: with B = Q_B R_B, L = [B, X] =
+        [Q_B, Q2] [[R_B, C], [0, R2]] needs two d x r QRs and block Gram-Schmidt, not a QR of
+        the d x 2r factor (a third of the time on a gate module); R likewise. Falls back to
+        `truncated_svd_of_sum` with a remainder sketch (`width` > 0)."""
         L, R = self.factors()
         if self.width:
             return truncated_svd_of_sum([L], [R], [1.0], rank)
         r = self.B.shape[1]
-        QB, RB, QA, RA = self._QB, self._RB, self._QA, self._RA
+        # not kept from __init__: every module's sketch is alive until the round ends, and two
+        # more adapter-sized bases would raise the step's peak memory by a copy of the adapter
+        QB, RB = torch.linalg.qr(self.B, mode="reduced")
+        QA, RA = torch.linalg.qr(self.A.mT, mode="reduced")
         Q2, CL, R2 = _extend_basis(QB, L[:, r:])  # L = [B, X]
         Q3, CR, R3 = _extend_basis(QA, R[:r].mT)  # R^T = [Y^T, A^T]
         KL = torch.cat([torch.cat([RB, CL], dim=1), torch.cat([torch.zeros_like(R2[:, :r]), R2], dim=1)], dim=0)

@@ -91,9 +91,6 @@ class RoundServer:
         if config.download_positions not in ("auto", "dense"):
             cap += sum((init[k].numel() + 7) // 8 + 16 for k in self.sent)
         self._full_state_cap = cap
-        # one upload's dense tensors, reused by every decode whose result is let go at once (the
-        # checks as each upload arrives, and a streaming aggregator's pass); held for a round only
-        self._upload_buffers: DecodeBuffers | None = None
         self.transport = transport(self)
 
     # --- the pieces of a round ----------------------------------------------------------------
@@ -143,13 +140,6 @@ class RoundServer:
 
     # --- one round ----------------------------------------------------------------------------
     def round(self, t: int) -> dict[str, Any]:
-        self._upload_buffers = DecodeBuffers()
-        try:
-            return self._round(t)
-        finally:
-            self._upload_buffers = None
-
-    def _round(self, t: int) -> dict[str, Any]:
         st = self.state
         wall0 = time.perf_counter()
         clients = self.sample(t)
@@ -172,6 +162,7 @@ class RoundServer:
 
         results = self.transport.train(t, orders)
         uploads: list[_Upload] = []
+        checks = DecodeBuffers()  # one upload's dense tensors, reused: each is let go once checked
         for order in orders:  # in client order, whatever order the results came in
             i, rec, res = order.client, records[order.client], results.get(order.client)
             if res is not None:
@@ -185,10 +176,11 @@ class RoundServer:
             if res.num_samples != known:
                 self._leave_out(t, rec, "rejected", f"claims {res.num_samples} training samples; its partition has {known}")
                 continue
-            norm, seconds = self._accept_upload(t, rec, res.upload)
+            norm, seconds = self._accept_upload(t, rec, res.upload, checks)
             server_s += seconds
             if norm is not None:
                 uploads.append(_Upload(i, known, res.upload, norm))
+        del checks
 
         broadcast_bytes, diagnostics, enc = 0, {}, None
         t0 = time.perf_counter()
@@ -229,7 +221,8 @@ class RoundServer:
     def _decode(self, data: bytes, buffers: DecodeBuffers | None = None) -> Payload:
         return decode_payload(data, self.upload_shapes, buffers=buffers)
 
-    def _accept_upload(self, t: int, rec: ClientRound, data: bytes) -> tuple[float | None, float]:
+    def _accept_upload(self, t: int, rec: ClientRound, data: bytes,
+                       buffers: DecodeBuffers | None = None) -> tuple[float | None, float]:  # fmt: skip
         """Check one client's upload bytes against the expected shapes, its stamp and its values;
         (its norm, seconds), or (None, seconds) and a logged reason in `rec` when they are malformed
         or stamped for another round. The decoded tensors are let go: the bytes are kept, and
@@ -237,7 +230,7 @@ class RoundServer:
         t0 = time.perf_counter()
         norm = None
         try:
-            got = self._decode(data, self._upload_buffers)  # nothing of it is kept
+            got = self._decode(data, buffers)  # nothing of it is kept
             stamp = (got.meta.get("round"), got.meta.get("client"))
             if stamp != (t, rec.client):  # a replay of old bytes, or another client's
                 raise PayloadError(f"upload is stamped round {stamp[0]}, client {stamp[1]}; this is round {t}, "
@@ -279,13 +272,14 @@ class RoundServer:
         time. Nothing changes unless it all succeeds with finite values (else it raises)."""
         st, cfg, alg = self.state, self.cfg, self.alg
         agg = alg.aggregator(st.global_state, [u.weight for u in uploads], RoundInfo(t, self.seed), st.server_memory)
-        buffers = None if agg.keeps_uploads else self._upload_buffers  # reused: one upload alive at a time
+        buffers = None if agg.keeps_uploads else DecodeBuffers()  # reused: one upload alive at a time
         for u in uploads:
             got = self._decode(u.data, buffers)
             if u.scale != 1.0:
                 got = Payload({k: v * u.scale for k, v in got.tensors.items()}, got.seeds, got.meta)
             agg.add(got)
             del got
+        del buffers  # before the step's own peak
         bc, memory = agg.finish()
         enc = encode(bc, cfg.download_positions, cfg.download_dtype)
         shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
