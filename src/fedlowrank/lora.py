@@ -80,6 +80,15 @@ def truncated_svd_of_sum(
     Q_L, R_L, Q_R, R_R = product_bases(X, Z)
     scale = torch.cat([torch.full((B.shape[1],), float(w), dtype=X.dtype, device=X.device) for B, w in zip(Bs, weights, strict=True)])
     core = (R_L * scale[None, :]) @ R_R.mT  # (q_L, q_R)
+    return split_core(Q_L, core, Q_R, rank)
+
+
+def split_core(
+    Q_L: torch.Tensor, core: torch.Tensor, Q_R: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` SVD factors (U_r sqrt(S_r), sqrt(S_r) V_r^T) of Q_L @ core @ Q_R^T, for
+    orthonormal Q_L and Q_R, from the SVD of the small core; zero-padded to `rank` columns when
+    the product has fewer directions (LoRA's shape is kept)."""
     U, S, Vh = torch.linalg.svd(core, full_matrices=False)
     k = min(rank, S.numel())
     root = S[:k].sqrt()

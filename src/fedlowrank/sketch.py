@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlowrank.lora import product_norm2, truncated_svd_of_sum
+from fedlowrank.lora import product_norm2, split_core, truncated_svd_of_sum
 
 __all__ = ["ProductSketch", "SIDES"]
 
@@ -225,15 +225,7 @@ class ProductSketch:
         Q3, CR, R3 = _extend_basis(QA, R[:r].mT)  # R^T = [Y^T, A^T]
         KL = torch.cat([torch.cat([RB, CL], dim=1), torch.cat([torch.zeros_like(R2[:, :r]), R2], dim=1)], dim=0)
         KR = torch.cat([torch.cat([CR, RA], dim=1), torch.cat([R3, torch.zeros_like(R3[:, :r])], dim=1)], dim=0)
-        U, S, Vh = torch.linalg.svd(KL @ KR.mT, full_matrices=False)
-        k = min(rank, S.numel())
-        root = S[:k].sqrt()
-        left = torch.cat([QB, Q2], dim=1) @ (U[:, :k] * root[None, :])
-        right = (root[:, None] * Vh[:k]) @ torch.cat([QA, Q3], dim=1).mT
-        if k < rank:
-            left = torch.cat([left, left.new_zeros(left.shape[0], rank - k)], dim=1)
-            right = torch.cat([right, right.new_zeros(rank - k, right.shape[1])], dim=0)
-        return left, right
+        return split_core(torch.cat([QB, Q2], dim=1), KL @ KR.mT, torch.cat([QA, Q3], dim=1), rank)
 
     def first_order_error(self, left: torch.Tensor, right: torch.Tensor) -> float:
         """Estimated first-order error of a rank-r result left @ right ~ SVD_r(W), relative to
