@@ -101,6 +101,7 @@ def density(scope: str, paths: list[Path]) -> float:
 # --- one cell, in a child process ----------------------------------------------------------------
 def cell(scope: str, method: str, m: int, spread: float) -> dict:
     from fedlowrank.algorithms import make_algorithm
+    from fedlowrank.algorithms.aggregation import aggregate_encoded
     from fedlowrank.algorithms.base import RoundInfo
     from fedlowrank.codec import DecodeBuffers, decode_payload
 
@@ -122,12 +123,9 @@ def cell(scope: str, method: str, m: int, spread: float) -> dict:
         sides = {"sketch": {"sketch_sides": "solve"}, "sketch-both": {"sketch_sides": "both"}}.get(method, {})
         opts = {"method": "sketch" if sides else method, "server_dtype": "float32", **sides}
         alg = make_algorithm("fedsrd", opts)
-        agg = alg.aggregator(glob, [1] * m, RoundInfo(2, 0), {})
-        buffers = None if agg.keeps_uploads else DecodeBuffers()  # as the runtime decodes for it
-        for b in order:
-            agg.add(decode_payload(b, shapes, buffers=buffers))
-        del buffers  # as the runtime does, before the step's own peak
-        bc, _ = agg.finish()
+        # as the runtime feeds it: decoded one at a time, into reused buffers where the step allows
+        bc, _ = aggregate_encoded(alg.aggregator(glob, [1] * m, RoundInfo(2, 0), {}), order,
+                                  lambda b, buffers: decode_payload(b, shapes, buffers=buffers))  # fmt: skip
         out = {k: v for k, v in bc.stats.items() if k in ("sketched", "sketch_error_max", "sketch_one_side")}
     seconds = time.perf_counter() - t0
     grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
@@ -154,7 +152,8 @@ def errors(m: int, spread: float) -> dict:
     W = sum(wi * (B + dB).double() @ (A + dA).double() for wi, dB, dA in zip(w, dBs, dAs))
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     best = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
-    T_ref = best - B.double() @ A.double()
+    BA = B.double() @ A.double()
+    T_ref = best - BA
     opt_res = float((W - best).norm())
     L, R = target(B, A, [B + x for x in dBs], [A + x for x in dAs], w, efficient=False)
     T_exact = (L @ R).double()
@@ -173,7 +172,6 @@ def errors(m: int, spread: float) -> dict:
     def solve_error(T):
         return float((pinvB @ T - dA_ref).norm() / dA_ref.norm())
 
-    BA = B.double() @ A.double()
     tn = float(T_ref.norm())
     return {
         "exact_fp32_solve_error": solve_error(T_exact),
@@ -182,10 +180,10 @@ def errors(m: int, spread: float) -> dict:
         "one_side_error_estimate": results["left"][1],
         "one_side_error": float((results["left"][0] - BA - T_ref).norm()) / tn,
         "exact_fp32_error": float((T_exact - T_ref).norm()) / tn,
-        "sketch_error": float((approx - B.double() @ A.double() - T_ref).norm()) / tn,
+        "sketch_error": float((approx - BA - T_ref).norm()) / tn,
         "sketch_error_estimate": results["both"][1],
         "sketch_residual_ratio": float((W - approx).norm()) / opt_res,
-        "exact_residual_ratio": float((W - (T_exact + B.double() @ A.double())).norm()) / opt_res,
+        "exact_residual_ratio": float((W - (T_exact + BA)).norm()) / opt_res,
     }
 
 

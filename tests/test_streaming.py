@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlowrank.algorithms import ALGORITHMS, make_algorithm
-from fedlowrank.algorithms.aggregation import aggregate
+from fedlowrank.algorithms.aggregation import aggregate, aggregate_encoded
 from fedlowrank.algorithms.base import RoundInfo, aggregation_weights, weighted_mean
 from fedlowrank.algorithms.fedsrd import target
 from fedlowrank.cli import main
@@ -305,8 +305,14 @@ def test_an_aggregator_that_lets_uploads_go_is_fed_reused_buffers_safely(name, o
     agg = alg.aggregator(glob, [5, 6, 7], info, {})
     if agg.keeps_uploads:  # the runtime gives it fresh tensors: nothing to check
         return
-    buffers = DecodeBuffers()
-    reused, _ = aggregate(agg, (decode_payload(b, shapes, buffers=buffers) for b in blobs))
+    used = []
+
+    def decode(b, buffers):  # how the runtime feeds it (aggregate_encoded): reused buffers
+        used.append(buffers)
+        return decode_payload(b, shapes, buffers=buffers)
+
+    reused, _ = aggregate_encoded(agg, blobs, decode)
+    assert all(isinstance(x, DecodeBuffers) for x in used) and len({id(x) for x in used}) == 1
     for k in fresh.tensors:
         assert torch.equal(fresh.tensors[k], reused.tensors[k]), k
 

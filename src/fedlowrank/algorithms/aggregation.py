@@ -11,21 +11,25 @@ aggregator's accumulators plus one decoded upload, never m decoded copies.
   `base.weighted_mean`, so streaming FedAvg equals the batch mean bit for bit.
 * `ModuleSketches`: one `fedlowrank.sketch.ProductSketch` per LoRA module (plus weighted means
   of the other keys): the streaming FedSRD / FlexLoRA server steps.
+* `aggregate_encoded`: how the runtime feeds uploads it keeps encoded, decoding each into
+  reused buffers when the aggregator lets uploads go (`Aggregator.keeps_uploads`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from fedlowrank.codec import DecodeBuffers
 from fedlowrank.lora import lora_pairs
 from fedlowrank.payload import Payload
 from fedlowrank.seeds import derive_seed
 from fedlowrank.sketch import ProductSketch
 
-__all__ = ["Aggregator", "Collecting", "WeightedMeans", "ModuleSketches", "aggregate", "use_sketch"]
+__all__ = ["Aggregator", "Collecting", "WeightedMeans", "ModuleSketches", "aggregate", "aggregate_encoded", "use_sketch"]
 
 # `method = "auto"` keeps the exact step while it is cheap anyway: its QR work
 # sum over modules (d_out + d_in) min(m r, d_out, d_in)^2 (multiply-adds) and the m decoded
@@ -65,6 +69,20 @@ def aggregate(aggregator: Aggregator, uploads: Iterable[Payload]) -> tuple[Paylo
     return aggregator.finish()
 
 
+def aggregate_encoded(
+    aggregator: Aggregator, encoded: Iterable[Any], decode: Callable[[Any, DecodeBuffers | None], Payload]
+) -> tuple[Payload, State]:
+    """`aggregate` over uploads kept encoded: `decode(item, buffers)` turns each into a Payload
+    just before it is folded in. An aggregator that lets uploads go (`keeps_uploads = False`)
+    gets them all decoded into one set of reused `DecodeBuffers`, let go before `finish` (the
+    step's own peak); one that keeps them gets fresh tensors."""
+    buffers = None if aggregator.keeps_uploads else DecodeBuffers()
+    for item in encoded:
+        aggregator.add(decode(item, buffers))
+    del buffers
+    return aggregator.finish()
+
+
 def use_sketch(method: str, global_state: Mapping[str, torch.Tensor], sent: Sequence[str], clients: int,
                sketch_above: int) -> bool:  # fmt: skip
     """Whether a FedSRD / FlexLoRA round runs the streaming sketch: `method = "sketch"`, or
@@ -86,8 +104,6 @@ def use_sketch(method: str, global_state: Mapping[str, torch.Tensor], sent: Sequ
 
 class Collecting(Aggregator):
     """Keeps every upload and calls `step(uploads)` at the end (a batch server step)."""
-
-    keeps_uploads = True
 
     def __init__(self, step: Callable[[list[Payload]], tuple[Payload, State]]) -> None:
         self.step = step

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlowrank.algorithms.aggregation import aggregate_encoded
 from fedlowrank.algorithms.base import Algorithm, RoundInfo, state_payload
 from fedlowrank.codec import DecodeBuffers, PayloadError, decode_payload, encode_payload
 from fedlowrank.lora import lora_pairs
@@ -272,15 +273,14 @@ class RoundServer:
         time. Nothing changes unless it all succeeds with finite values (else it raises)."""
         st, cfg, alg = self.state, self.cfg, self.alg
         agg = alg.aggregator(st.global_state, [u.weight for u in uploads], RoundInfo(t, self.seed), st.server_memory)
-        buffers = None if agg.keeps_uploads else DecodeBuffers()  # reused: one upload alive at a time
-        for u in uploads:
+
+        def decode(u: "_Upload", buffers: DecodeBuffers | None) -> Payload:
             got = self._decode(u.data, buffers)
             if u.scale != 1.0:
                 got = Payload({k: v * u.scale for k, v in got.tensors.items()}, got.seeds, got.meta)
-            agg.add(got)
-            del got
-        del buffers  # before the step's own peak
-        bc, memory = agg.finish()
+            return got
+
+        bc, memory = aggregate_encoded(agg, uploads, decode)
         enc = encode(bc, cfg.download_positions, cfg.download_dtype)
         shapes = {k: tuple(st.global_state[k].shape) for k in bc.tensors}
         decoded = decode_payload(enc.data, shapes)  # decoded once; everyone applies these bytes
