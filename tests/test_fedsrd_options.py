@@ -46,6 +46,30 @@ def test_truncated_and_tikhonov_equal_pinv_on_well_conditioned_factors():
     torch.testing.assert_close(solve_inverse(A, "pinv"), exact)
 
 
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(2, 30), cols=st.integers(31, 60), log_cond=st.floats(0.0, 14.0), seed=st.integers(0, 99),
+       solve=st.sampled_from(["pinv", "truncated", "tikhonov"]), dtype=st.sampled_from([torch.float32, D]))
+def test_a_given_svd_gives_the_same_inverse(rows, cols, log_cond, seed, solve, dtype):
+    """solve_inverse(M, svd=...) (the sketched step reuses the SVD its bases came from) equals the
+    inverse it computes itself, to rounding, for every solve: pinv keeps torch's cut-off, so a
+    direction pinv drops (cond up to 1e14, beyond float32's) is dropped with the SVD given too."""
+    gen = torch.Generator().manual_seed(seed)
+    Q1, _ = torch.linalg.qr(torch.randn(cols, rows, generator=gen, dtype=D))
+    Q2, _ = torch.linalg.qr(torch.randn(rows, rows, generator=gen, dtype=D))
+    s = torch.logspace(0, -log_cond, rows, dtype=D)
+    M = ((Q2 * s) @ Q1.mT).to(dtype)  # (rows, cols), s_max / s_min = 10^log_cond
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    want = solve_inverse(M, solve, 1e-3)
+    got = solve_inverse(M, solve, 1e-3, svd=(U, S, Vh))
+    eps = torch.finfo(dtype).eps
+    tol = 1e3 * eps * float(torch.linalg.matrix_norm(want, ord=2)) * float(torch.linalg.matrix_norm(M, ord=2))
+    if solve == "pinv":  # a singular value within rounding of pinv's cut-off may land on either side
+        cut = max(M.shape) * eps * float(S[0])
+        if bool(((S > cut / 2) & (S < cut * 2)).any()):
+            return
+    assert float(torch.linalg.matrix_norm(got - want, ord=2)) <= tol * max(1.0, float(torch.linalg.matrix_norm(want, ord=2)))
+
+
 def test_damped_solves_stay_bounded_on_singular_factors():
     gen = torch.Generator().manual_seed(1)
     Q, _ = torch.linalg.qr(torch.randn(30, 3, generator=gen, dtype=D))

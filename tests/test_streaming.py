@@ -109,6 +109,27 @@ def test_the_sketchs_own_truncated_svd_equals_the_generic_one(d_out, d_in, r, m,
     assert float((got_L @ got_R - want).norm()) <= 1e-9 * scale
 
 
+@pytest.mark.parametrize("sides", ["both", "right", "left"])
+def test_the_sketch_hands_out_the_factor_svd_it_took_only_when_every_direction_was_kept(sides):
+    """factor_svd gives what the sketch's bases came from, for the solve to reuse: B = U S Vh
+    (and A likewise) for a side it streams; None for a side it does not, or a rank-deficient
+    factor (LoRA's B = 0 at the start), whose thin SVD dropped directions a pinv would keep."""
+    B, A, _, _ = module(30, 20, 3, 1, 0)
+    sk = ProductSketch(B, A, seed=0, sides=sides)
+    for which, M, streamed in (("B", B, sides != "right"), ("A", A, sides != "left")):
+        svd = sk.factor_svd(which)
+        if not streamed:
+            assert svd is None
+            continue
+        U, S, Vh = svd
+        assert S.numel() == 3
+        torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-12, atol=1e-14)
+    zero = ProductSketch(torch.zeros_like(B), A, seed=0, sides=sides)
+    assert zero.factor_svd("B") is None
+    with pytest.raises(ValueError, match="'B' or 'A'"):
+        sk.factor_svd("C")
+
+
 def test_sketch_is_deterministic_and_its_error_estimate_tracks_the_truth():
     B, A, dBs, dAs = module(300, 200, 8, 20, 0, spread=0.3)
     w = [1.0 / 20] * 20
@@ -126,6 +147,11 @@ def test_sketch_is_deterministic_and_its_error_estimate_tracks_the_truth():
     est = outs[0][1]
     assert 0 < true_err < 0.05
     assert true_err / 3 < est < true_err * 3, (true_err, est)
+    # the caller's ||left right - B A||^2 (the step has it for its diagnostics) gives the same
+    Ls, Rs = sk.factors()
+    left, right = truncated_svd_of_sum([Ls], [Rs], [1.0], 8)
+    t2 = float((left @ right - B @ A).pow(2).sum())
+    assert sk.first_order_error(left, right, t2) == pytest.approx(est, rel=1e-9)
 
 
 def _solved(B, A, T):

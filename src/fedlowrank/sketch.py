@@ -60,16 +60,16 @@ __all__ = ["ProductSketch", "SIDES"]
 SIDES = ("both", "right", "left")
 
 
-def _thin_svd(M: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, V) with M ~ U diag(S) V^T over the directions above rtol * s_max (U orthonormal,
-    d x k: fewer columns for a zero or rank-deficient factor, LoRA's B = 0 at the start); by QR
-    and the SVD of the q x q triangle, O(d q^2), rank-revealing."""
+def _thin_svd(M: torch.Tensor, rtol: float = 1e-6):
+    """(Q, R, U, S, V): M = Q R (reduced QR) and M ~ U diag(S) V^T over the directions above
+    rtol * s_max (U = Q U_R orthonormal, d x k: fewer columns for a zero or rank-deficient factor,
+    LoRA's B = 0 at the start); by the SVD of the q x q triangle, O(d q^2), rank-revealing."""
     Q, R = torch.linalg.qr(M, mode="reduced")
     U, S, Vh = torch.linalg.svd(R)
     if S.numel() == 0 or float(S[0]) <= 0:
-        return M.new_zeros(M.shape[0], 0), S[:0], M.new_zeros(M.shape[1], 0)
+        return Q, R, M.new_zeros(M.shape[0], 0), S[:0], M.new_zeros(M.shape[1], 0)
     keep = S > rtol * S[0]
-    return Q @ U[:, keep], S[keep], Vh[keep].mT
+    return Q, R, Q @ U[:, keep], S[keep], Vh[keep].mT
 
 
 def _extend_basis(Q: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,9 +108,19 @@ class ProductSketch:
         d_out, d_in = B.shape[0], A.shape[1]
         self.B, self.A = B, A
         # B ~ U diag(sB) WB^T and A^T ~ V diag(sA) WA^T: bases and, for free, pinv(B) U = WB / sB
-        # and V^T pinv(A) = (WA / sA)^T
-        self.U, sB, WB = _thin_svd(B)
-        self.V, sA, WA = _thin_svd(A.mT)
+        # and V^T pinv(A) = (WA / sA)^T. A one-sided sketch needs one basis only ("left": U,
+        # "right": V); the QR it comes from is kept for truncated_svd.
+        r = B.shape[1]
+        self._qr_B = self._qr_A = None
+        self._svd_B = self._svd_A = None  # (U, S, Vh) of B and of A, where every direction was kept
+        U, sB, WB = B.new_zeros(d_out, 0), B.new_zeros(0), B.new_zeros(r, 0)
+        V, sA, WA = A.new_zeros(d_in, 0), A.new_zeros(0), A.new_zeros(r, 0)
+        if sides != "right":
+            QB, RB, U, sB, WB = _thin_svd(B)
+            self._qr_B = (QB, RB)
+        if sides != "left":
+            QA, RA, V, sA, WA = _thin_svd(A.mT)
+            self._qr_A = (QA, RA)
         self._pinvB_U = WB / sB[None, :]  # (r, u)
         self._Vt_pinvA = (WA / sA[None, :]).mT  # (v, r)
         g = torch.Generator(device="cpu").manual_seed(int(seed) & (2**63 - 1))
@@ -118,23 +128,37 @@ class ProductSketch:
         def gauss(*shape):
             return torch.randn(*shape, generator=g, dtype=B.dtype).to(B.device)
 
-        k = min(width, d_in - self.V.shape[1], d_out - self.U.shape[1])
+        k = min(width, d_in - V.shape[1], d_out - U.shape[1])
         self.width = max(k, 0)
         l = min(2 * self.width + 1, d_out) if self.width else 0
         # the remainder's test matrices live in the complements of V and U
         omega = gauss(d_in, self.width)
-        self.omega = omega - self.V @ (self.V.mT @ omega)
+        self.omega = omega - V @ (V.mT @ omega)
         psi = gauss(l, d_out)
-        self.psi = psi - (psi @ self.U) @ self.U.mT
+        self.psi = psi - (psi @ U) @ U.mT
         self.probe_right, self.probe_left = gauss(d_in, probes), gauss(probes, d_out)
+        # a one-sided estimate reads the probes of one side only (first_order_error): the right
+        # ones for "left", the left ones for "right"; the other side's are drawn (same random
+        # stream) but not streamed
+        self.probes = probes
+        if sides == "left":
+            self.probe_left = self.probe_left[:0]
+        elif sides == "right":
+            self.probe_right = self.probe_right[:, :0]
         # the test matrices of each side together: dA_i is multiplied by all right ones at once.
-        # A one-sided sketch drops the other side's basis (most of the products), not its probes.
-        self._v = self.V.shape[1] if sides != "left" else 0
-        self._u = self.U.shape[1] if sides != "right" else 0
-        self._right = torch.cat([self.V[:, : self._v], self.omega, self.probe_right], dim=1)
-        self._left = torch.cat([self.U.mT[: self._u], self.psi, self.probe_left], dim=0)
+        # The right ones are held transposed: a product with a column-major right factor of few
+        # columns (a one-sided sketch's probes) runs 2-3x faster on CPU BLAS than a row-major one.
+        # U and V are views of these (no second copy of either basis).
+        self._v, self._u = V.shape[1], U.shape[1]
+        self._right_t = torch.cat([V.mT, self.omega.mT, self.probe_right.mT], dim=0).contiguous()
+        self._left = torch.cat([U.mT, self.psi, self.probe_left], dim=0)
+        self.V, self.U = self._right_t[: self._v].mT, self._left[: self._u].mT
+        if self._qr_B is not None and sB.numel() == r:
+            self._svd_B = (self.U, sB, WB.mT)
+        if self._qr_A is not None and sA.numel() == r:
+            self._svd_A = (WA, sA, self.V.mT)
         self.dB, self.dA = torch.zeros_like(B), torch.zeros_like(A)
-        self._ER = B.new_zeros(d_out, self._right.shape[1])  # E [V, Omega, probes]
+        self._ER = B.new_zeros(d_out, self._right_t.shape[0])  # E [V, Omega, probes]
         self._LE = B.new_zeros(self._left.shape[0], d_in)  # [U^T; Psi; probes] E
         self._done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # what the sums give, once
 
@@ -146,7 +170,7 @@ class ProductSketch:
         w = float(weight)
         self.dB.add_(dB, alpha=w)
         self.dA.add_(dA, alpha=w)
-        self._ER.add_(dB @ (dA @ self._right), alpha=w)
+        self._ER.add_(dB @ (dA @ self._right_t.mT).mT.contiguous().mT, alpha=w)
         self._LE.add_((self._left @ dB) @ dA, alpha=w)
         self._done.clear()
 
@@ -196,10 +220,7 @@ class ProductSketch:
         in range(B) and V^T in A's row space, so U = B pinv(B) U and V^T = V^T pinv(A) A fold
         the cross terms into the two factors, W ~ B (A + dA_bar + pinv(B) U G) + (dB_bar +
         E V V^T pinv(A)) A."""
-        EV, G = self._cross()
-        first = self.dA if difference else self.A + self.dA
-        right = first + self._pinvB_U[:, : self._u] @ G if self._u else first
-        left = self.dB + EV @ self._Vt_pinvA[: self._v] if self._v else self.dB
+        left, right = self._blocks(difference)
         L, R = [self.B, left], [right, self.A]
         if self.width:
             Q, X = self._remainder()
@@ -207,36 +228,53 @@ class ProductSketch:
             R.append(X)
         return torch.cat(L, dim=1), torch.cat(R, dim=0)
 
+    def _blocks(self, difference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, Y) with factors() = [B, X (, Q)] @ [Y; A (; X_rem)]: X = dB_bar + E V V^T pinv(A),
+        Y = (A +) dA_bar + pinv(B) U G."""
+        EV, G = self._cross()
+        first = self.dA if difference else self.A + self.dA
+        right = first + self._pinvB_U @ G if self._u else first
+        left = self.dB + EV @ self._Vt_pinvA if self._v else self.dB
+        return left, right
+
     def truncated_svd(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-`rank` SVD factors (U_r sqrt(S_r), sqrt(S_r) V_r^T) of `factors()`'s product, as
         `lora.truncated_svd_of_sum` gives them, in blocks: with B = Q_B R_B, L = [B, X] =
-        [Q_B, Q2] [[R_B, C], [0, R2]] needs two d x r QRs and block Gram-Schmidt, not a QR of
-        the d x 2r factor (a third of the time on a gate module); R likewise. Falls back to
-        `truncated_svd_of_sum` with a remainder sketch (`width` > 0)."""
-        L, R = self.factors()
+        [Q_B, Q2] [[R_B, C], [0, R2]] needs two d x r QRs (one already taken for the basis
+        the sketch streams) and block Gram-Schmidt, not a QR of the d x 2r factor (a third of
+        the time on a gate module); R likewise. Falls back to `truncated_svd_of_sum` with a
+        remainder sketch (`width` > 0)."""
         if self.width:
+            L, R = self.factors()
             return truncated_svd_of_sum([L], [R], [1.0], rank)
+        X, Y = self._blocks()
         r = self.B.shape[1]
-        # not kept from __init__: every module's sketch is alive until the round ends, and two
-        # more adapter-sized bases would raise the step's peak memory by a copy of the adapter
-        QB, RB = torch.linalg.qr(self.B, mode="reduced")
-        QA, RA = torch.linalg.qr(self.A.mT, mode="reduced")
-        Q2, CL, R2 = _extend_basis(QB, L[:, r:])  # L = [B, X]
-        Q3, CR, R3 = _extend_basis(QA, R[:r].mT)  # R^T = [Y^T, A^T]
+        QB, RB = self._qr_B if self._qr_B is not None else torch.linalg.qr(self.B, mode="reduced")
+        QA, RA = self._qr_A if self._qr_A is not None else torch.linalg.qr(self.A.mT, mode="reduced")
+        Q2, CL, R2 = _extend_basis(QB, X)  # L = [B, X]
+        Q3, CR, R3 = _extend_basis(QA, Y.mT)  # R^T = [Y^T, A^T]
         KL = torch.cat([torch.cat([RB, CL], dim=1), torch.cat([torch.zeros_like(R2[:, :r]), R2], dim=1)], dim=0)
         KR = torch.cat([torch.cat([CR, RA], dim=1), torch.cat([R3, torch.zeros_like(R3[:, :r])], dim=1)], dim=0)
         return split_core(torch.cat([QB, Q2], dim=1), KL @ KR.mT, torch.cat([QA, Q3], dim=1), rank)
 
-    def first_order_error(self, left: torch.Tensor, right: torch.Tensor) -> float:
+    def factor_svd(self, which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The thin SVD (U, S, Vh) of B (`which = "B"`) or of A ("A") the sketch took for its
+        bases, when it kept every direction (a full-rank factor), else None: an Eq. 12-13 solve
+        against that factor can reuse it (fedsrd.solve_inverse)."""
+        if which not in ("B", "A"):
+            raise ValueError(f"ProductSketch.factor_svd: which must be 'B' or 'A', got {which!r}")
+        return self._svd_B if which == "B" else self._svd_A
+
+    def first_order_error(self, left: torch.Tensor, right: torch.Tensor, target2: float | None = None) -> float:
         """Estimated first-order error of a rank-r result left @ right ~ SVD_r(W), relative to
         ||left @ right - B A||: with D = E - F G (what the approximation missed) and P, S the
         result's column and row spaces, sqrt(||P^T D||^2 + ||D S||^2), from the probes. 0.0
         without probes. `left`'s columns and `right`'s rows must be orthogonal (an SVD's split,
         as `truncated_svd_of_sum` returns), so their bases are those vectors normalised.
         One-sided, only the part its solve reads: ||D S|| (right: T V moves by (I - P) D S S^T V)
-        or ||P^T D|| (left)."""
+        or ||P^T D|| (left). `target2`: ||left @ right - B A||^2 where the caller has it."""
         _, _, EP, _, _, PE = self._parts()
-        p = EP.shape[1]
+        p = self.probes
         if not p:
             return 0.0
         F, G = self.e_factors()
@@ -247,5 +285,5 @@ class ProductSketch:
         left_part = float((P.mT @ miss_r).pow(2).sum()) if self.sides != "right" else 0.0
         right_part = float((miss_l @ S).pow(2).sum()) if self.sides != "left" else 0.0
         est2 = (left_part + right_part) / p
-        t2 = product_norm2(torch.cat([left, -self.B], dim=1), torch.cat([right, self.A], dim=0))
+        t2 = target2 if target2 is not None else product_norm2(torch.cat([left, -self.B], dim=1), torch.cat([right, self.A], dim=0))
         return (est2 / t2) ** 0.5 if t2 > 0 else 0.0

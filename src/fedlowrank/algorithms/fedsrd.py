@@ -159,40 +159,46 @@ def target(
 SOLVES = ("pinv", "truncated", "tikhonov")
 
 
-def solve_inverse(M: torch.Tensor, solve: str = "pinv", tol: float = 0.0) -> torch.Tensor:
+def solve_inverse(M: torch.Tensor, solve: str = "pinv", tol: float = 0.0,
+                  svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """The (damped) pseudo-inverse of a factor M used by the alternating solves.
 
-    "pinv": the paper's Moore-Penrose pseudo-inverse (torch's default cut-off).
+    "pinv": the paper's Moore-Penrose pseudo-inverse (torch's default cut-off: singular values
+    at or below max(rows, cols) * eps * s_max are dropped).
     "truncated": singular values below tol * s_max are dropped (equal to pinv when every
     singular value is above the cut-off). "tikhonov": regularised least squares,
     s / (s^2 + (tol s_max)^2) in place of 1 / s: within a relative (tol s_max / s_min)^2 of
     pinv on well-conditioned input, and never more than 1 / (2 tol s_max) on any direction.
+    `svd`: M's thin SVD (U, S, Vh) with every direction, where the caller already has it (the
+    sketched step's bases): the same inverse, to rounding, without a second SVD of M.
     """
-    if solve == "pinv":
-        return torch.linalg.pinv(M)
     if solve not in SOLVES:
         raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    if solve == "pinv" and svd is None:
+        return torch.linalg.pinv(M)
+    U, S, Vh = svd if svd is not None else torch.linalg.svd(M, full_matrices=False)
     smax = S.max() if S.numel() else S.new_zeros(())
     if smax <= 0:
         return torch.zeros_like(M.mT)
-    if solve == "truncated":
-        inv = torch.where(S > tol * smax, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
-    else:
+    if solve == "tikhonov":
         inv = S / (S * S + (tol * smax) ** 2)
+    else:
+        cut = tol * smax if solve == "truncated" else max(M.shape) * torch.finfo(S.dtype).eps * smax
+        inv = torch.where(S > cut, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
     return Vh.mT @ (inv[:, None] * U.mT)
 
 
 def solve_factor(
     L: torch.Tensor, R: torch.Tensor | None, B: torch.Tensor, A: torch.Tensor, round: int,
-    solve: str = "pinv", tol: float = 0.0,
+    solve: str = "pinv", tol: float = 0.0, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Eq. 12-13: odd rounds dB = T pinv(A), dA = 0; even rounds dA = pinv(B) T, dB = 0; T = L @ R
-    (or L itself when R is None). O((d_out + d_in) q r) for a factored T of q columns."""
+    (or L itself when R is None). O((d_out + d_in) q r) for a factored T of q columns. `svd`: the
+    thin SVD of the factor solved against (A in odd rounds, B in even ones), if already known."""
     if round % 2 == 1:
-        P = solve_inverse(A, solve, tol)  # (d_in, r)
+        P = solve_inverse(A, solve, tol, svd)  # (d_in, r)
         return (L @ P if R is None else L @ (R @ P)), torch.zeros_like(A)
-    P = solve_inverse(B, solve, tol)  # (r, d_out)
+    P = solve_inverse(B, solve, tol, svd)  # (r, d_out)
     return torch.zeros_like(B), (P @ L if R is None else (P @ L) @ R)
 
 
@@ -390,7 +396,10 @@ class _Step:
         self.done: set[str] = set()
         self.diag = _Diagnostics() if self.cfg.diagnostics else None
 
-    def module(self, module: str, B: torch.Tensor, A: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None) -> None:
+    def module(self, module: str, B: torch.Tensor, A: torch.Tensor, L: torch.Tensor, R: torch.Tensor | None,
+               factor_svd=None, target2: float | None = None) -> None:  # fmt: skip
+        """One module's solve and what follows it. `factor_svd`: the thin SVD of the factor this
+        round solves against, if the caller has it; `target2`: ||L @ R||^2, likewise."""
         cfg, info, odd, diag, memory = self.cfg, self.info, self.odd, self.diag, self.memory
         b_key, a_key = self.pairs[module]
         B0, A0 = self.global_state[b_key], self.global_state[a_key]
@@ -401,7 +410,8 @@ class _Step:
         if cfg.download_feedback and fb_L in memory:
             L = torch.cat([L, memory[fb_L].to(work)], dim=1)
             R = torch.cat([R, memory[fb_R].to(work)], dim=0)
-        dB, dA = solve_factor(L, R, B, A, info.round, cfg.solve, cfg.solve_tol)
+            target2 = None
+        dB, dA = solve_factor(L, R, B, A, info.round, cfg.solve, cfg.solve_tol, factor_svd)
         key, delta = (b_key, dB.to(B0.dtype)) if odd else (a_key, dA.to(A0.dtype))
         solved = delta
         if cfg.download_drop > 0.0:
@@ -416,7 +426,9 @@ class _Step:
             res_L = torch.cat([L, -d], dim=1) if odd else torch.cat([L, -B], dim=1)
             res_R = torch.cat([R, A], dim=0) if odd else torch.cat([R, d], dim=0)
             if diag is not None:
-                diag.add(B, A, odd, solved, d, product_norm2(L, R), product_norm2(res_L, res_R))
+                t2 = target2 if target2 is not None else product_norm2(L, R)
+                spectrum = factor_svd[1] if factor_svd is not None else None
+                diag.add(B, A, odd, solved, d, t2, product_norm2(res_L, res_R), spectrum)
             if cfg.download_feedback:
                 keep_L, keep_R = truncated_svd_of_sum([res_L], [res_R], [1.0], 2 * B.shape[1])
                 self.new_memory[fb_L], self.new_memory[fb_R] = keep_L.to(B0.dtype).contiguous(), keep_R.to(A0.dtype).contiguous()
@@ -465,11 +477,13 @@ class _SketchStep(Aggregator):
             B, A = sk.B, sk.A
             if cfg.efficient:  # T = W - B A directly; its solve is exact when B and A have full rank
                 L, R = sk.factors(difference=True)
+                t2 = None
             else:  # T = SVD_r(W) - B A
                 left, right = sk.truncated_svd(B.shape[1])
                 L, R = torch.cat([left, B], dim=1), torch.cat([right, -A], dim=0)
-                errors.append(sk.first_order_error(left, right))
-            step.module(module, B, A, L, R)
+                t2 = product_norm2(L, R)
+                errors.append(sk.first_order_error(left, right, t2))
+            step.module(module, B, A, L, R, sk.factor_svd("A" if step.odd else "B"), t2)
         for key, acc in self.sums.means.sums.items():
             step.out[key] = acc
         stats = {"sketched": 1.0, "sketch_error_max": max(errors, default=0.0), "sketch_one_side": float(self.sides != "both")}
@@ -483,10 +497,11 @@ class _Diagnostics:
         self.b_norm = self.a_norm = self.cond = self.step = 0.0
         self.solved2 = self.kept2 = self.target2 = self.residual2 = 0.0
 
-    def add(self, B, A, odd, solved, sent, target2, residual2) -> None:
+    def add(self, B, A, odd, solved, sent, target2, residual2, spectrum=None) -> None:
+        """`spectrum`: the singular values of the factor solved against, if known."""
         nb, na = float(torch.linalg.matrix_norm(B)), float(torch.linalg.matrix_norm(A))
         self.b_norm, self.a_norm = max(self.b_norm, nb), max(self.a_norm, na)
-        s = torch.linalg.svdvals(A if odd else B)
+        s = spectrum if spectrum is not None else torch.linalg.svdvals(A if odd else B)
         if s.numel() and float(s[0]) > 0:
             self.cond = max(self.cond, min(1e30, float(s[0] / s[-1])) if float(s[-1]) > 0 else 1e30)
         factor = na if odd else nb
