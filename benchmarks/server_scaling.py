@@ -24,7 +24,7 @@ pays, decoded the way the runtime decodes them for a streaming step (into reused
 before. Results are cached per cell in benchmarks/results/server_scaling.cells.json (rerun to
 resume); the tables go to benchmarks/results/server_scaling.{json,md}.
 
-    .venv/bin/python benchmarks/server_scaling.py            # about 30 min on 2 cores
+    .venv/bin/python benchmarks/server_scaling.py            # 30-45 min on 2 cores
     .venv/bin/python benchmarks/server_scaling.py --quick    # m = 4, 16 only
 """
 

@@ -341,7 +341,7 @@ class DecodeBuffers:
 
     Decoding a sparse record into a fresh array costs the kernel's page faults on every page the
     scattered values touch (benchmarks/server_scaling.py: 128 uploads of a 3B-shaped LoRA set,
-    371 MiB each, decode in 30.3 s into fresh arrays, 17.2 s into reused ones). With buffers, each tensor name keeps
+    371 MiB each, decode in 30.3 s into fresh arrays, 17.2 s into reused ones, in one run). With buffers, each tensor name keeps
     one float32 array: the previous decode's positions are zeroed, the new values written.
 
     The tensors a decode returns are views of these buffers: **the next decode with the same

@@ -42,7 +42,9 @@ the approximation is exact whenever B and A have full rank.
   solves are exact from one side whenever B and A have full rank.
 * Streaming: each upload is folded in and let go; memory is two adapter-sized means, E V and
   U^T E (another adapter's worth), plus the optional sketches. Cost per upload
-  O((d_out + d_in) r (2 r + 2 width + probes)).
+  O((d_out + d_in) r (2 r + 2 width + 2 probes)) with both sides, O((d_out + d_in) r (r + probes))
+  with one. A one-sided sketch takes the SVD of the one factor whose basis it streams, keeps
+  its QR for `truncated_svd` and hands the SVD to the solve (`factor_svd`).
 * Deterministic: Omega, Psi and the probes come from one seed (the algorithm derives it from the
   run seed, the round and the module), so runs repeat and resume exactly.
 * `probes` Gaussian columns and rows give an a-posteriori estimate of the first-order error
