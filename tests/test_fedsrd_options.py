@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedlowrank.algorithms import ClientInfo, RoundInfo, make_algorithm
@@ -46,28 +46,55 @@ def test_truncated_and_tikhonov_equal_pinv_on_well_conditioned_factors():
     torch.testing.assert_close(solve_inverse(A, "pinv"), exact)
 
 
-@settings(max_examples=30, deadline=None)
-@given(rows=st.integers(2, 30), cols=st.integers(31, 60), log_cond=st.floats(0.0, 14.0), seed=st.integers(0, 99),
-       solve=st.sampled_from(["pinv", "truncated", "tikhonov"]), dtype=st.sampled_from([torch.float32, D]))
-def test_a_given_svd_gives_the_same_inverse(rows, cols, log_cond, seed, solve, dtype):
-    """solve_inverse(M, svd=...) (the sketched step reuses the SVD its bases came from) equals the
-    inverse it computes itself, to rounding, for every solve: pinv keeps torch's cut-off, so a
+@settings(max_examples=40, deadline=None)
+@given(short=st.integers(2, 30), long=st.integers(31, 60), tall=st.booleans(), log_cond=st.floats(0.0, 14.0),
+       seed=st.integers(0, 99), solve=st.sampled_from(["pinv", "truncated", "tikhonov"]),
+       dtype=st.sampled_from([torch.float32, D]))  # fmt: skip
+def test_a_given_svd_gives_the_same_inverse(short, long, tall, log_cond, seed, solve, dtype):
+    """solve_inverse(M, svd=...) equals the inverse it computes itself, to rounding, for every
+    solve, tall (B) and wide (A) factors, with torch's SVD and with the QR-based one the
+    sketched step hands over (ProductSketch.factor_svd): pinv keeps torch's cut-off, so a
     direction pinv drops (cond up to 1e14, beyond float32's) is dropped with the SVD given too."""
     gen = torch.Generator().manual_seed(seed)
-    Q1, _ = torch.linalg.qr(torch.randn(cols, rows, generator=gen, dtype=D))
-    Q2, _ = torch.linalg.qr(torch.randn(rows, rows, generator=gen, dtype=D))
-    s = torch.logspace(0, -log_cond, rows, dtype=D)
-    M = ((Q2 * s) @ Q1.mT).to(dtype)  # (rows, cols), s_max / s_min = 10^log_cond
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    Q1, _ = torch.linalg.qr(torch.randn(long, short, generator=gen, dtype=D))
+    Q2, _ = torch.linalg.qr(torch.randn(short, short, generator=gen, dtype=D))
+    s = torch.logspace(0, -log_cond, short, dtype=D)
+    M = ((Q2 * s) @ Q1.mT).to(dtype)  # (short, long), s_max / s_min = 10^log_cond
+    if tall:
+        M = M.mT.contiguous()
     want = solve_inverse(M, solve, 1e-3)
-    got = solve_inverse(M, solve, 1e-3, svd=(U, S, Vh))
+    S = torch.linalg.svdvals(M)
     eps = torch.finfo(dtype).eps
-    tol = 1e3 * eps * float(torch.linalg.matrix_norm(want, ord=2)) * float(torch.linalg.matrix_norm(M, ord=2))
     if solve == "pinv":  # a singular value within rounding of pinv's cut-off may land on either side
         cut = max(M.shape) * eps * float(S[0])
         if bool(((S > cut / 2) & (S < cut * 2)).any()):
             return
-    assert float(torch.linalg.matrix_norm(got - want, ord=2)) <= tol * max(1.0, float(torch.linalg.matrix_norm(want, ord=2)))
+    bound = 1e3 * eps * float(torch.linalg.matrix_norm(want, ord=2)) ** 2 * float(torch.linalg.matrix_norm(M, ord=2))
+    svds = [torch.linalg.svd(M, full_matrices=False)]
+    B, A = (M, torch.ones(short, 3, dtype=dtype)) if tall else (torch.ones(3, short, dtype=dtype), M)
+    from fedlowrank.sketch import ProductSketch
+
+    sk = ProductSketch(B, A, seed=0, sides="left" if tall else "right")
+    if (given := sk.factor_svd("B" if tall else "A")) is not None:
+        svds.append(given)
+    for svd in svds:
+        got = solve_inverse(M, solve, 1e-3, svd=svd)
+        assert float(torch.linalg.matrix_norm(got - want, ord=2)) <= bound
+
+
+def test_pinv_with_a_given_svd_drops_what_pinv_drops_not_less():
+    """A singular value between min(shape) * eps * s_max and max(shape) * eps * s_max: torch's
+    pinv drops it (its cut-off uses the larger dimension), so the given-SVD path must too."""
+    gen = torch.Generator().manual_seed(3)
+    Q1, _ = torch.linalg.qr(torch.randn(400, 4, generator=gen, dtype=D))
+    Q2, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=D))
+    eps = torch.finfo(D).eps
+    s = torch.tensor([1.0, 0.5, 0.2, 20 * eps], dtype=D)  # 4 eps < 20 eps < 400 eps
+    M = (Q2 * s) @ Q1.mT  # (4, 400)
+    want = torch.linalg.pinv(M)
+    got = solve_inverse(M, "pinv", svd=torch.linalg.svd(M, full_matrices=False))
+    assert float(torch.linalg.matrix_norm(want, ord=2)) < 10  # the tiny direction was dropped
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_damped_solves_stay_bounded_on_singular_factors():
@@ -93,6 +120,7 @@ def test_bad_solve_option_is_named():
 # --- importance sampling ----------------------------------------------------------------------
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(0.0, 100.0), min_size=2, max_size=60), st.integers(1, 60))
+@example([1.0, 1.0, 5e-324, 5e-324], 3)  # subnormal scores: the scale 1 / suffix overflowed
 def test_sampling_probabilities_sum_to_k_and_are_capped(scores, k):
     s = torch.tensor(scores, dtype=D)
     k = min(k, len(scores))

@@ -122,10 +122,18 @@ def test_the_sketch_hands_out_the_factor_svd_it_took_only_when_every_direction_w
             assert svd is None
             continue
         U, S, Vh = svd
-        assert S.numel() == 3
+        assert S.numel() == 3 and U.dtype == S.dtype == Vh.dtype == M.dtype
+        assert bool((S[:-1] >= S[1:]).all())
+        torch.testing.assert_close(U.mT @ U, torch.eye(3, dtype=D64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(Vh @ Vh.mT, torch.eye(3, dtype=D64), rtol=0, atol=1e-12)
         torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-12, atol=1e-14)
-    zero = ProductSketch(torch.zeros_like(B), A, seed=0, sides=sides)
-    assert zero.factor_svd("B") is None
+    for deficient in (torch.zeros_like(B), B[:, [0, 0, 1]]):  # LoRA's B = 0; a repeated column
+        sk_d = ProductSketch(deficient, A, seed=0, sides=sides)
+        assert sk_d.factor_svd("B") is None
+    sk32 = ProductSketch(B.float(), A.float(), seed=0, sides=sides)
+    for which in ("B", "A"):
+        got = sk32.factor_svd(which)
+        assert got is None or all(t.dtype == torch.float32 for t in got)
     with pytest.raises(ValueError, match="'B' or 'A'"):
         sk.factor_svd("C")
 
@@ -249,6 +257,41 @@ def test_sketched_fedsrd_step_matches_the_exact_one(efficient, round_):
                 assert rel(got.tensors[k], exact.tensors[k]) < tol, (k, width)
         assert torch.equal(got.tensors["head.weight"], exact.tensors["head.weight"])
         assert got.seeds == exact.seeds
+
+
+@pytest.mark.parametrize("options", [{"download_feedback": True}, {"solve": "tikhonov", "solve_tol": 1e-2},
+                                     {"efficient": True}, {}])  # fmt: skip
+def test_the_sketched_steps_reused_svd_and_norm_give_the_stats_a_fresh_solve_gives(monkeypatch, options):
+    """The sketched step hands the solve its factor's SVD and ||T||^2 (the diagnostics and the
+    estimate share it); over three rounds (download feedback's memory carried, which adds
+    columns to the target and so needs ||T||^2 anew) the broadcast and every diagnostic equal
+    those of the same step computing both itself."""
+    import fedlowrank.algorithms.fedsrd as fedsrd
+
+    glob = as64(lora_state(2, 40, 30, 3, 0))
+    alg = make_algorithm("fedsrd", {"server_dtype": "float64", "method": "sketch", **options})
+
+    def rounds():
+        state, memory, out = dict(glob), {}, []
+        for rnd in (1, 2, 3):
+            ups = [Payload({k: v.double() for k, v in u.tensors.items()}, meta=u.meta) for u in uploads_for(state, 5, rnd)]
+            bc, memory = alg.server_step(state, ups, [1] * 5, RoundInfo(rnd, seed=7), memory)
+            out.append(bc)
+            state = alg.apply_broadcast(state, bc)
+        return out
+
+    reused = rounds()
+    fresh_module = fedsrd._Step.module
+    monkeypatch.setattr(fedsrd._Step, "module", lambda self, module, B, A, L, R, factor_svd=None, target2=None:
+                        fresh_module(self, module, B, A, L, R))  # fmt: skip
+    fresh = rounds()
+    for a, b in zip(reused, fresh, strict=True):
+        assert set(a.tensors) == set(b.tensors)
+        for k in a.tensors:
+            torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-9, atol=1e-12)
+        assert set(a.stats) == set(b.stats)
+        for k in a.stats:
+            assert a.stats[k] == pytest.approx(b.stats[k], rel=1e-6, abs=1e-12), k
 
 
 def test_auto_method_switches_where_the_exact_step_stops_being_cheap(monkeypatch):

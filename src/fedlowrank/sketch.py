@@ -41,10 +41,13 @@ the approximation is exact whenever B and A have full rank.
   it whole: download error feedback, FlexLoRA's product) needs `sides = "both"`. FedSRD-e's
   solves are exact from one side whenever B and A have full rank.
 * Streaming: each upload is folded in and let go; memory is two adapter-sized means, E V and
-  U^T E (another adapter's worth), plus the optional sketches. Cost per upload
-  O((d_out + d_in) r (2 r + 2 width + 2 probes)) with both sides, O((d_out + d_in) r (r + probes))
-  with one. A one-sided sketch takes the SVD of the one factor whose basis it streams, keeps
-  its QR for `truncated_svd` and hands the SVD to the solve (`factor_svd`).
+  U^T E (another adapter's worth), the bases U and V with the QRs they came from (kept for
+  `truncated_svd`; one side's only, with one side), plus the optional sketches: about 4.8
+  adapters with both sides, 2.8-3.3 with one. Cost per upload
+  O((d_out + d_in) r (2 r + 3 width + 1 + 2 probes)) with both sides (Psi has 2 width + 1 rows),
+  O((d_out + d_in) r (r + probes)) with one. A one-sided sketch takes the SVD of the one factor
+  whose basis it streams, keeps its QR for `truncated_svd` and hands the SVD to the solve
+  (`factor_svd`).
 * Deterministic: Omega, Psi and the probes come from one seed (the algorithm derives it from the
   run seed, the round and the module), so runs repeat and resume exactly.
 * `probes` Gaussian columns and rows give an a-posteriori estimate of the first-order error
@@ -94,6 +97,7 @@ class ProductSketch:
     `probes`: columns of the error estimate; `seed`: where the random matrices come from;
     `sides`: "both" (the cross approximation), "right" (E V only: enough for an odd-round solve
     T pinv(A)) or "left" (U^T E only: an even-round solve pinv(B) T), see the module docstring.
+    With one side, the other side's basis (U for "right", V for "left") and probes are empty.
     """
 
     def __init__(self, B: torch.Tensor, A: torch.Tensor, seed: int, width: int = 0, probes: int = 4,
@@ -150,7 +154,7 @@ class ProductSketch:
         # the test matrices of each side together: dA_i is multiplied by all right ones at once.
         # The right ones are held transposed: a product with a column-major right factor of few
         # columns (a one-sided sketch's probes) runs 2-3x faster on CPU BLAS than a row-major one.
-        # U and V are views of these (no second copy of either basis).
+        # U and V are views of these (the bases are not held twice; the QRs they came from are).
         self._v, self._u = V.shape[1], U.shape[1]
         self._right_t = torch.cat([V.mT, self.omega.mT, self.probe_right.mT], dim=0).contiguous()
         self._left = torch.cat([U.mT, self.psi, self.probe_left], dim=0)

@@ -178,12 +178,19 @@ def sampling_probabilities(scores: torch.Tensor, k: int) -> torch.Tensor:
     desc = torch.sort(s, descending=True).values
     suffix = torch.flip(torch.cumsum(torch.flip(desc, [0]), 0), [0])  # suffix[j] = sum desc[j:]
     j = torch.arange(n, dtype=torch.float64)
-    c = (k - j) / suffix.clamp_min(torch.finfo(torch.float64).tiny)
-    # the number of clipped entries is the smallest j with c_j * desc[j] <= 1; j = k - 1 always
-    # qualifies, since more than k scores are positive
-    ok = (c * desc <= 1.0 + 1e-12) & (j < k)
-    jstar = int(torch.nonzero(ok)[0])
-    p = (s * c[jstar]).clamp(max=1.0)
+    tiny = torch.finfo(torch.float64).tiny
+    if float(suffix[k - 1]) >= tiny:
+        c = (k - j) / suffix.clamp_min(tiny)
+        # the number of clipped entries is the smallest j with c_j * desc[j] <= 1; j = k - 1
+        # always qualifies, since more than k scores are positive
+        ok = (c * desc <= 1.0 + 1e-12) & (j < k)
+        jstar = int(torch.nonzero(ok)[0])
+        p = (s * c[jstar]).clamp(max=1.0)
+    else:  # subnormal scores: c = (k - j) / suffix[j] would overflow, so scale by the ratio instead
+        ratio = torch.nan_to_num(desc / suffix, nan=0.0)  # 0 / 0 where the scores run out
+        ok = ((k - j) * ratio <= 1.0 + 1e-12) & (j < k)
+        jstar = int(torch.nonzero(ok)[0])
+        p = ((k - jstar) * (s / suffix[jstar])).clamp(max=1.0)
     return p.reshape(scores.shape)
 
 

@@ -183,7 +183,7 @@ def solve_inverse(M: torch.Tensor, solve: str = "pinv", tol: float = 0.0,
     if solve == "tikhonov":
         inv = S / (S * S + (tol * smax) ** 2)
     else:
-        cut = tol * smax if solve == "truncated" else max(M.shape) * torch.finfo(S.dtype).eps * smax
+        cut = tol * smax if solve == "truncated" else max(M.shape) * torch.finfo(M.dtype).eps * smax
         inv = torch.where(S > cut, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
     return Vh.mT @ (inv[:, None] * U.mT)
 
@@ -502,8 +502,9 @@ class _Diagnostics:
         nb, na = float(torch.linalg.matrix_norm(B)), float(torch.linalg.matrix_norm(A))
         self.b_norm, self.a_norm = max(self.b_norm, nb), max(self.a_norm, na)
         s = spectrum if spectrum is not None else torch.linalg.svdvals(A if odd else B)
-        if s.numel() and float(s[0]) > 0:
-            self.cond = max(self.cond, min(1e30, float(s[0] / s[-1])) if float(s[-1]) > 0 else 1e30)
+        if s.numel() and float(s.max()) > 0:
+            smax, smin = float(s.max()), float(s.min())
+            self.cond = max(self.cond, min(1e30, smax / smin) if smin > 0 else 1e30)
         factor = na if odd else nb
         if factor > 0:
             self.step = max(self.step, float(torch.linalg.matrix_norm(sent)) / factor)
