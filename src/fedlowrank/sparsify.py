@@ -178,19 +178,16 @@ def sampling_probabilities(scores: torch.Tensor, k: int) -> torch.Tensor:
     desc = torch.sort(s, descending=True).values
     suffix = torch.flip(torch.cumsum(torch.flip(desc, [0]), 0), [0])  # suffix[j] = sum desc[j:]
     j = torch.arange(n, dtype=torch.float64)
-    tiny = torch.finfo(torch.float64).tiny
-    if float(suffix[k - 1]) >= tiny:
-        c = (k - j) / suffix.clamp_min(tiny)
-        # the number of clipped entries is the smallest j with c_j * desc[j] <= 1; j = k - 1
-        # always qualifies, since more than k scores are positive
-        ok = (c * desc <= 1.0 + 1e-12) & (j < k)
-        jstar = int(torch.nonzero(ok)[0])
-        p = (s * c[jstar]).clamp(max=1.0)
-    else:  # subnormal scores: c = (k - j) / suffix[j] would overflow, so scale by the ratio instead
-        ratio = torch.nan_to_num(desc / suffix, nan=0.0)  # 0 / 0 where the scores run out
-        ok = ((k - j) * ratio <= 1.0 + 1e-12) & (j < k)
-        jstar = int(torch.nonzero(ok)[0])
-        p = ((k - jstar) * (s / suffix[jstar])).clamp(max=1.0)
+    # the number of clipped entries is the smallest j with (k - j) desc[j] / suffix[j] <= 1; j = k - 1
+    # always qualifies, since more than k scores are positive. Compared as a product: the scale
+    # (k - j) / suffix[j] overflows for subnormal scores
+    ok = ((k - j) * desc <= (1.0 + 1e-12) * suffix) & (j < k)
+    jstar = int(torch.nonzero(ok)[0])
+    rest = float(suffix[jstar])
+    if rest >= torch.finfo(torch.float64).tiny:
+        p = (s * ((k - jstar) / rest)).clamp(max=1.0)
+    else:  # subnormal: scale by the ratio s / suffix instead
+        p = ((k - jstar) * (s / rest)).clamp(max=1.0)
     return p.reshape(scores.shape)
 
 
